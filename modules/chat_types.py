@@ -1,0 +1,148 @@
+"""The one internal shape of a chat request and its answer, shared by both APIs.
+
+The OpenAI and Ollama adapters translate their wire formats into these values and back;
+routers read `ChatRequest.messages`; backends take a `ChatRequest` and yield `ChatEvent`s.
+Nothing here knows about HTTP or JSON field names of either protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+Role = Literal["system", "user", "assistant", "tool"]
+# "chat" carries messages; "completion" carries a bare prompt (/api/generate, /v1/completions).
+RequestKind = Literal["chat", "completion"]
+DoneReason = Literal["stop", "length", "tool_calls", "load", "unload"]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asks the client to run."""
+
+    name: str
+    # Always a parsed object internally; the OpenAI adapter serialises it to a JSON string.
+    arguments: dict[str, Any]
+    # OpenAI call id ("call_..."); Ollama may omit it, the OpenAI adapter then makes one up.
+    id: str | None = None
+    # Position among the calls of one answer; OpenAI stream chunks require it.
+    index: int = 0
+
+
+@dataclass
+class Message:
+    """One conversation turn."""
+
+    role: Role
+    # Plain text. OpenAI content-part arrays are flattened into this by the adapter.
+    content: str = ""
+    # Raw base64 images (no `data:` prefix), as Ollama wants them.
+    images: list[str] = field(default_factory=list)
+    # Calls made by an assistant turn.
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    # For role "tool": which call this is the answer to (OpenAI) and the tool's name (Ollama).
+    tool_call_id: str | None = None
+    tool_name: str | None = None
+    # Reasoning text of an earlier assistant turn, passed back by some clients.
+    thinking: str | None = None
+
+
+@dataclass
+class ChatRequest:
+    """A request after parsing, whatever protocol it came in."""
+
+    # Model name as the client sent it (None or "lemoe" means: let the router choose).
+    model: str | None
+    messages: list[Message]
+    # Stream the answer token by token. Each adapter applies its own default.
+    stream: bool = False
+    # Generation options under Ollama's names (num_predict, temperature, top_p, top_k, stop,
+    # seed, num_ctx, repeat_penalty, presence_penalty, frequency_penalty, ...). The OpenAI
+    # adapter maps its fields onto these, as Ollama's own OpenAI layer does.
+    options: dict[str, Any] = field(default_factory=dict)
+    # OpenAI-style tool definitions, passed through untouched to the expert.
+    tools: list[dict[str, Any]] | None = None
+    # "json" or a JSON Schema object: constrain the answer's format.
+    format: str | dict[str, Any] | None = None
+    # Reasoning switch: True/False or "low" | "medium" | "high" | "max".
+    think: bool | str | None = None
+    # Seconds to keep a local model loaded after this request; 0 unloads, negative keeps forever.
+    keep_alive: float | None = None
+    kind: RequestKind = "chat"
+    # For kind "completion": the prompt, the text after the cursor (FIM) and raw mode.
+    prompt: str | None = None
+    suffix: str | None = None
+    raw: bool = False
+    # The OpenAI adapter asks for a trailing usage chunk (`stream_options.include_usage`).
+    include_usage: bool = False
+
+    def user_texts(self) -> list[str]:
+        """The text of every user turn, oldest first (what routers look at)."""
+        if self.kind == "completion":
+            return [self.prompt or ""]
+        return [m.content for m in self.messages if m.role == "user"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts and timings of one answer (durations in nanoseconds, as Ollama reports)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_duration_ns: int = 0
+    load_duration_ns: int = 0
+    prompt_eval_duration_ns: int = 0
+    eval_duration_ns: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkingDelta:
+    """A piece of reasoning text (Ollama `thinking`, OpenAI `reasoning_content`)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """One complete tool call. Backends assemble streamed fragments before yielding it."""
+
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of an answer: why it stopped and what it cost."""
+
+    done_reason: DoneReason = "stop"
+    usage: Usage = field(default_factory=Usage)
+
+
+ChatEvent = Union[TextDelta, ThinkingDelta, ToolCallDelta, Done]
+
+RouteMethod = Literal["embedding", "classification", "cascade", "keyword", "fallback", "direct"]
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Which expert a request goes to, and why."""
+
+    expert_id: int
+    label: str
+    # Confidence of the deciding step in [0, 1] (1.0 for a direct request).
+    score: float
+    method: RouteMethod
+    # Every expert's score from the deciding step, by label.
+    scores: dict[str, float] = field(default_factory=dict)
+    # The text the router looked at when it used earlier messages (cascade), else None.
+    context_used: str | None = None

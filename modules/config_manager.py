@@ -1,0 +1,320 @@
+"""Load `config.json` and `experts.json` once, validate them, and hand out typed objects.
+
+This is the only module that opens the configuration files. Every other module receives the
+typed objects below as arguments. A bad file stops start-up with a `ConfigError` that names the
+file, the field and what is wrong.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from modules.errors import ConfigError
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_DIR / "config" / "config.json"
+# The model name that means "let the router choose".
+ROUTER_MODEL_NAME = "lemoe"
+# Expert labels double as model names and file names: keep them to a safe alphabet.
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are refused so that a typo in a field name is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(11435, ge=1, le=65535, description="TCP port (Ollama's is 11434).")
+    workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
+    threads: int = Field(32, ge=1, le=1024, description="Threads per worker (one per open stream).")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    rate_limit_per_minute: int = Field(60, ge=0, description="Requests per minute per IP; 0 is off.")
+    connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a remote expert.")
+    read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for an expert's next chunk.")
+    log_file: str = Field("logs/lemoe.log", description="Log file under the project ('' = stderr only).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class ScoringWeights(_Strict):
+    max_keyword: float = Field(0.40, ge=0, description="Weight of the best single keyword match.")
+    description: float = Field(0.30, ge=0, description="Weight of the description similarity.")
+    mean_keyword: float = Field(0.20, ge=0, description="Weight of the mean keyword similarity.")
+    top3_vote: float = Field(0.10, ge=0, description="Weight of the top-3 keyword consensus.")
+
+
+class RouterConfig(_Strict):
+    mode: Literal["generic", "model"] = Field("generic", description="generic: experts.json; model: trained classifier.")
+    router_type: Literal["embedding", "classification"] = Field("embedding", description="Router kind.")
+    model_path: str = Field("", description="HF id or local path of the router model; '' = keywords only.")
+    categories_file: str = Field("config/experts.json", description="experts.json, inside the project.")
+    confidence_threshold: float = Field(0.4, ge=0, le=1, description="Minimum score to accept a route.")
+    keyword_fallback: bool = Field(True, description="Use keyword + fuzzy matching as a later step.")
+    softmax_temperature: float = Field(0.15, gt=0, description="Softmax sharpness of the hybrid scores.")
+    scoring_weights: ScoringWeights = Field(default_factory=ScoringWeights)
+    context_messages: int = Field(3, ge=1, le=20, description="User messages joined for the cascade.")
+    context_max_chars: int = Field(1600, ge=16, description="Cap on the joined cascade text.")
+
+
+class LocalModelsConfig(_Strict):
+    models_dir: str = Field("models", description="Folder local model files must live in.")
+    max_loaded_models: int = Field(3, ge=1, le=16, description="Local models kept in memory at once.")
+    model_ttl_seconds: float = Field(300, ge=0, description="Unload a local model after this idle time.")
+    n_ctx: int = Field(2048, ge=128, description="Default context size for GGUF models.")
+    n_threads: int = Field(0, ge=0, description="CPU threads for GGUF inference; 0 = all cores.")
+
+
+ExpertType = Literal["local", "ollama", "api", "openai"]
+
+
+class ExpertConfig(_Strict):
+    id: int = Field(..., ge=0, description="Unique id; 0 is the fallback expert.")
+    label: str = Field(..., description="Unique name; also the model name clients can ask for.")
+    description: str = Field("", description="What the expert is good at (used by the router).")
+    keywords: list[str] = Field(default_factory=list, description="Words that route to this expert.")
+    type: ExpertType = Field(..., description="Backend: local, ollama, api (LiteLLM) or openai.")
+    # local
+    format: Literal["gguf", "onnx"] | None = Field(None, description="local: model file format.")
+    model_path: str | None = Field(None, description="local: file under models/ or pkg:<package>/<file>.")
+    # ollama / openai / api
+    url: str | None = Field(None, description="ollama/openai: base URL of the server.")
+    model_name: str | None = Field(None, description="Model name on the remote server.")
+    provider: str | None = Field(None, description="api: LiteLLM provider (openai, anthropic, ...).")
+    api_key_env: str | None = Field(None, description="Name of the env var holding the API key.")
+    api_base: str | None = Field(None, description="api: custom base URL for the provider.")
+    timeout: float | None = Field(None, gt=0, description="Read timeout override in seconds.")
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_safe(cls, v: str) -> str:
+        if "/" in v or "\\" in v or ".." in v or not _LABEL_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '-', '.', without '..'")
+        if v.lower() == ROUTER_MODEL_NAME:
+            raise ValueError(f"'{ROUTER_MODEL_NAME}' is reserved for the router")
+        return v
+
+    @field_validator("url", "api_base")
+    @classmethod
+    def _url_is_safe(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_backend_url(v)
+        return v.rstrip("/") if v else v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
+            raise ValueError("must be the NAME of an environment variable, not a key")
+        return v
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> ExpertConfig:
+        needed = {
+            "local": ("format", "model_path"),
+            "ollama": ("url", "model_name"),
+            "openai": ("url", "model_name"),
+            "api": ("model_name",),
+        }[self.type]
+        missing = [name for name in needed if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"type '{self.type}' needs field(s): {', '.join(missing)}")
+        return self
+
+
+class ExpertsFile(_Strict):
+    max_experts: int = Field(16, ge=1, le=256, description="Most experts allowed.")
+    experts: list[ExpertConfig]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExpertsFile:
+        if len(self.experts) > self.max_experts:
+            raise ValueError(f"{len(self.experts)} experts configured, max_experts is {self.max_experts}")
+        seen_ids: set[int] = set()
+        seen_labels: set[str] = set()
+        for e in self.experts:
+            if e.id in seen_ids:
+                raise ValueError(f"duplicate expert id {e.id}")
+            if e.label.lower() in seen_labels:
+                raise ValueError(f"duplicate expert label '{e.label}'")
+            seen_ids.add(e.id)
+            seen_labels.add(e.label.lower())
+        fallback = next((e for e in self.experts if e.id == 0), None)
+        if fallback is None:
+            raise ValueError("the fallback expert (id 0) is missing")
+        if fallback.keywords:
+            raise ValueError("the fallback expert (id 0) must not have keywords")
+        return self
+
+
+class ConfigFile(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    local_models: LocalModelsConfig = Field(default_factory=LocalModelsConfig)
+
+
+class AppConfig(BaseModel):
+    """Everything the app needs, validated. Built only by `load_config` (or tests)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    server: ServerConfig
+    router: RouterConfig
+    local_models: LocalModelsConfig
+    experts: tuple[ExpertConfig, ...]
+    project_dir: Path
+    config_path: Path
+    experts_path: Path
+
+    @property
+    def fallback_expert(self) -> ExpertConfig:
+        return next(e for e in self.experts if e.id == 0)
+
+    def expert_by_label(self, label: str) -> ExpertConfig | None:
+        label = label.lower()
+        return next((e for e in self.experts if e.label.lower() == label), None)
+
+
+def check_backend_url(url: str) -> None:
+    """Refuse URLs that are not http(s) or that point at link-local / cloud metadata addresses.
+
+    Private and loopback addresses stay allowed: local Ollama servers live there.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    host = parts.hostname
+    if not host:
+        raise ValueError("has no host")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if host.lower() in ("metadata.google.internal", "metadata"):
+            raise ValueError("points at a cloud metadata service") from None
+        return
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        raise ValueError(f"points at a forbidden address ({ip})")
+
+
+def resolve_inside(base: Path, relative: str, what: str) -> Path:
+    """Resolve `relative` against `base` and insist the result stays inside `base`."""
+    base = base.resolve()
+    path = (base / relative).resolve()
+    if path != base and base not in path.parents:
+        raise ValueError(f"{what} '{relative}' is outside {base}")
+    return path
+
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_local_model_path(model_path: str, project_dir: Path, models_dir: str) -> Path:
+    """Where a local expert's model file is, confined to models/ or to a package's own files.
+
+    `pkg:<package>/<file>` names a file shipped inside an installed Python package (how the
+    default GGUF model arrives); anything else is relative to `models_dir` under the project.
+    """
+    if model_path.startswith(PACKAGE_PREFIX):
+        import importlib.util
+
+        package, _, rel = model_path[len(PACKAGE_PREFIX) :].partition("/")
+        if not package.isidentifier() or not rel:
+            raise ValueError(f"'{model_path}' must look like pkg:<package>/<file>")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"package '{package}' is not installed")
+        base = Path(next(iter(spec.submodule_search_locations)))
+        return resolve_inside(base, rel, "model_path")
+    if Path(model_path).is_absolute():
+        raise ValueError(f"model_path '{model_path}' must be relative to {models_dir}/")
+    root = resolve_inside(project_dir, models_dir, "models_dir")
+    rel = model_path.removeprefix(models_dir.rstrip("/") + "/")
+    return resolve_inside(root, rel, "model_path")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read file ({exc.strerror})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {where or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(config_path: str | Path | None = None, project_dir: str | Path | None = None) -> AppConfig:
+    """Read and validate config.json and the experts file it names.
+
+    `config_path` defaults to $LEMOE_CONFIG, then config/config.json of the project. The
+    experts file (`router.categories_file`) is resolved against `project_dir` and must stay in it.
+    """
+    project = Path(project_dir).resolve() if project_dir else PROJECT_DIR
+    cfg_path = Path(config_path or os.environ.get("LEMOE_CONFIG") or DEFAULT_CONFIG_PATH)
+    if not cfg_path.is_absolute():
+        cfg_path = (Path.cwd() / cfg_path).resolve()
+    raw = _read_json(cfg_path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: the top level must be a JSON object")
+    try:
+        cfg = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(cfg_path, exc)) from exc
+
+    try:
+        experts_path = resolve_inside(project, cfg.router.categories_file, "categories_file")
+    except ValueError as exc:
+        raise ConfigError(f"{cfg_path}: router.categories_file: {exc}") from exc
+    raw_experts = _read_json(experts_path)
+    if not isinstance(raw_experts, dict):
+        raise ConfigError(f"{experts_path}: the top level must be a JSON object")
+    try:
+        experts = ExpertsFile.model_validate(raw_experts)
+    except ValidationError as exc:
+        raise ConfigError(_describe(experts_path, exc)) from exc
+
+    for i, expert in enumerate(experts.experts):
+        if expert.type == "local" and expert.model_path:
+            try:
+                resolve_local_model_path(expert.model_path, project, cfg.local_models.models_dir)
+            except ValueError as exc:
+                raise ConfigError(f"{experts_path}: experts[{i}].model_path: {exc}") from exc
+
+    return AppConfig(
+        server=cfg.server,
+        router=cfg.router,
+        local_models=cfg.local_models,
+        experts=tuple(experts.experts),
+        project_dir=project,
+        config_path=cfg_path,
+        experts_path=experts_path,
+    )
+
+
+def with_overrides(config: AppConfig, **server_fields: Any) -> AppConfig:
+    """A copy of `config` with some server fields replaced (CLI flags, env vars)."""
+    fields = {k: v for k, v in server_fields.items() if v is not None}
+    if not fields:
+        return config
+    try:
+        server = ServerConfig.model_validate({**config.server.model_dump(), **fields})
+    except ValidationError as exc:
+        raise ConfigError(_describe(Path("command line"), exc)) from exc
+    return config.model_copy(update={"server": server})
