@@ -146,3 +146,30 @@ class RouteDecision:
     scores: dict[str, float] = field(default_factory=dict)
     # The text the router looked at when it used earlier messages (cascade), else None.
     context_used: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the model listings (/api/tags, /api/show, /v1/models) say about one model name."""
+
+    # Name with its tag, e.g. "programador:latest" (clients such as Open WebUI need the tag).
+    name: str
+    # Short family name for `details.family` (e.g. "lemoe" for the router, "llama" for a GGUF).
+    family: str
+    # "gguf", "onnx" or "remote".
+    format: str
+    # e.g. "135M", or "unknown" for remote experts.
+    parameter_size: str
+    # e.g. "Q4_1", or "unknown".
+    quantization_level: str
+    # Bytes on disk (local models) or a small non-zero placeholder for remote ones.
+    size: int
+    # 64 hex characters, stable for the same configuration.
+    digest: str
+    # Seconds since the epoch: when the configuration (or model file) last changed.
+    modified_at: float
+    context_length: int
+    # Ollama capability names: "completion", "tools", "insert", ...
+    capabilities: tuple[str, ...] = ("completion", "tools")
+    # The expert's description, for /api/show's modelfile comment.
+    description: str = ""
