@@ -1,0 +1,169 @@
+"""LeMoE's HTTP server: the app factory, the route table and the error handlers.
+
+Run it with `./start.sh`, `python api_server.py [--config FILE] [--host H] [--port P]` (gunicorn
+with threaded workers), `python api_server.py --dev` (Flask's development server), or
+`gunicorn 'api_server:create_app()'`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from modules import http_views as views
+from modules.config_manager import AppConfig, load_config, with_overrides
+from modules.errors import (
+    BodyTooLarge,
+    ConfigError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestError,
+)
+from modules.logger import get_logger, setup_logging
+
+log = get_logger("server")
+
+
+def create_app(config: AppConfig | None = None) -> Flask:
+    config = config or _config_from_environment()
+    setup_logging(config.server, config.project_dir)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    app.extensions["lemoe"] = build_services(config)
+    register_routes(app)
+    register_error_handlers(app)
+    log.info("LeMoE ready: %d experts, router=%s", len(config.experts), type(app.extensions["lemoe"].router).__name__)
+    return app
+
+
+def build_services(config: AppConfig) -> views.Services:
+    from modules.expert_runner import build_runner
+    from modules.model_catalog import ModelCatalog
+    from modules.model_pool import ModelPool
+    from modules.router_factory import build_router
+
+    pool = ModelPool(config.local_models.max_loaded_models, config.local_models.model_ttl_seconds)
+    pool.start_reaper(interval=min(30.0, max(1.0, config.local_models.model_ttl_seconds / 4)))
+    return views.Services(
+        config=config,
+        router=build_router(config),
+        runner=build_runner(config, pool),
+        catalog=ModelCatalog(config),
+        pool=pool,
+    )
+
+
+def register_routes(app: Flask) -> None:
+    add = app.add_url_rule
+    # Ollama API
+    add("/", "ollama_root", views.ollama_root, methods=["GET"])
+    add("/api/version", "ollama_version", views.ollama_version, methods=["GET"])
+    add("/api/tags", "ollama_tags", views.ollama_tags, methods=["GET"])
+    add("/api/show", "ollama_show", views.ollama_show, methods=["POST"])
+    add("/api/ps", "ollama_ps", views.ollama_ps, methods=["GET"])
+    add("/api/chat", "ollama_chat", views.ollama_chat, methods=["POST"])
+    add("/api/generate", "ollama_generate", views.ollama_generate, methods=["POST"])
+    # OpenAI API
+    add("/v1/models", "openai_models", views.openai_models, methods=["GET"])
+    add("/v1/models/<path:model_id>", "openai_model", views.openai_model, methods=["GET"])
+    add("/v1/chat/completions", "openai_chat_completions", views.openai_chat_completions, methods=["POST"])
+    add("/v1/completions", "openai_completions", views.openai_completions, methods=["POST"])
+    # LeMoE
+    add("/v1/route", "lemoe_route", views.lemoe_route, methods=["POST"])
+
+
+def _is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def _error_response(err: RequestError) -> Any:
+    if _is_openai_path(request.path):
+        from modules.openai_protocol import openai_error_body
+
+        body, status = openai_error_body(err)
+    else:
+        from modules.ollama_protocol import ollama_error_body
+
+        body, status = ollama_error_body(err)
+    headers = {}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(err.retry_after)
+    if status >= 500:
+        # openai-python retries 5xx twice by default; retrying cannot help when no expert answers.
+        headers["x-should-retry"] = "false"
+    return views.json_response(body, status, headers)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Every error leaves in the client's own protocol; never an HTML page or a traceback."""
+
+    @app.errorhandler(RequestError)
+    def _request_error(err: RequestError) -> Any:
+        return _error_response(err)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        if isinstance(exc, RequestEntityTooLarge):
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            return _error_response(BodyTooLarge(f"request body is larger than {limit} bytes"))
+        if exc.code == 404:
+            return _error_response(NotFound(f"{request.method} {request.path} not found"))
+        if exc.code == 405:
+            response = _error_response(MethodNotAllowed(f"method {request.method} not allowed on {request.path}"))
+            response.headers["Allow"] = ", ".join(exc.valid_methods or [])  # type: ignore[attr-defined]
+            return response
+        err = InvalidRequest(exc.description or exc.name)
+        err.status_code = exc.code or 400  # type: ignore[misc]
+        return _error_response(err)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        err = RequestError("internal server error")
+        err.status_code = 500  # type: ignore[misc]
+        return _error_response(err)
+
+
+def _config_from_environment() -> AppConfig:
+    """The config named by $LEMOE_CONFIG (or the default), with $LEMOE_HOST / $LEMOE_PORT applied."""
+    config = load_config(os.environ.get("LEMOE_CONFIG") or None)
+    port = os.environ.get("LEMOE_PORT")
+    return with_overrides(config, host=os.environ.get("LEMOE_HOST"), port=int(port) if port else None)
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LeMoE: an Ollama/OpenAI-compatible router of expert models.")
+    parser.add_argument("--config", help="config.json to use (default: $LEMOE_CONFIG or config/config.json)")
+    parser.add_argument("--host", help="address to listen on (overrides server.host)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument("--workers", type=int, help="gunicorn worker processes (overrides server.workers)")
+    parser.add_argument("--dev", action="store_true", help="use Flask's development server instead of gunicorn")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.config:
+            os.environ["LEMOE_CONFIG"] = os.path.abspath(args.config)
+        config = with_overrides(_config_from_environment(), host=args.host, port=args.port, workers=args.workers)
+    except ConfigError as exc:
+        print(f"LeMoE: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if args.dev:
+        create_app(config).run(host=config.server.host, port=config.server.port, threaded=True)
+        return 0
+    from modules.serve import serve_with_gunicorn
+
+    serve_with_gunicorn(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Run a request on an expert, and on the fallback expert when the first one fails.
+
+The runner only knows the `Backend` interface. It owns the failure semantics:
+- a failure before the first event (streaming) or anywhere (non-streaming) re-runs the request on
+  the fallback expert, silently for the client, with an `[Auto-Correction]` log line;
+- a failure after events have gone out is logged and re-raised, so the protocol layer can end
+  the stream with an error event in the client's protocol;
+- when even the fallback expert fails, `ServiceUnavailable` (503) is raised.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from modules.backend import Backend
+from modules.chat_types import ChatEvent, ChatRequest, Done
+from modules.config_manager import AppConfig, ExpertConfig, resolve_local_model_path
+from modules.errors import ExpertError, ExpertUnavailable, ServiceUnavailable
+from modules.logger import get_logger
+from modules.model_pool import ModelPool
+
+log = get_logger("runner")
+
+
+@dataclass
+class ExpertRun:
+    """A started answer: who is answering, and the events (the first one already fetched)."""
+
+    expert: ExpertConfig
+    events: Iterator[ChatEvent]
+    # Set when the chosen expert failed and the fallback expert answers instead.
+    fallback_cause: str | None = None
+
+    def close(self) -> None:
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()
+
+
+@dataclass
+class _Unavailable:
+    """Stands in for an expert whose backend could not be built, so it falls back at run time."""
+
+    reason: str
+    closed: bool = field(default=False)
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
+        raise ExpertUnavailable(self.reason)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _build_ollama(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
+    from modules.http_backends import OllamaBackend
+
+    return OllamaBackend(expert, config.server)
+
+
+def _build_openai(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
+    from modules.http_backends import OpenAIBackend
+
+    return OpenAIBackend(expert, config.server)
+
+
+def _build_local(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
+    assert expert.model_path is not None  # guaranteed by config validation
+    path = resolve_local_model_path(expert.model_path, config.project_dir, config.local_models.models_dir)
+    if expert.format == "gguf":
+        from modules.ai_engine import GGUFBackend
+
+        return GGUFBackend(expert, path, pool, config.local_models)
+    return _Unavailable(f"local format '{expert.format}' is not supported by this build")
+
+
+def _build_api(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
+    return _Unavailable("the LiteLLM 'api' backend is not supported by this build")
+
+
+# One entry per `type` in experts.json; adding a backend is one line here.
+BACKEND_BUILDERS: dict[str, Callable[[ExpertConfig, AppConfig, ModelPool], Backend]] = {
+    "ollama": _build_ollama,
+    "openai": _build_openai,
+    "local": _build_local,
+    "api": _build_api,
+}
+
+
+def build_backends(config: AppConfig, pool: ModelPool) -> dict[int, Backend]:
+    backends: dict[int, Backend] = {}
+    for expert in config.experts:
+        try:
+            backends[expert.id] = BACKEND_BUILDERS[expert.type](expert, config, pool)
+        except Exception as exc:  # a broken expert must not stop the others from serving
+            log.warning("expert '%s' unavailable at start-up: %s", expert.label, exc)
+            backends[expert.id] = _Unavailable(str(exc))
+        if isinstance(backends[expert.id], _Unavailable):
+            log.warning("expert '%s' will fall back: %s", expert.label, backends[expert.id].reason)  # type: ignore[union-attr]
+    return backends
+
+
+class ExpertRunner:
+    def __init__(self, config: AppConfig, backends: dict[int, Backend]) -> None:
+        self._config = config
+        self._backends = backends
+        self._fallback = config.fallback_expert
+
+    def start(self, expert: ExpertConfig, request: ChatRequest) -> ExpertRun:
+        """Start a streamed answer; falls back if `expert` fails before its first event."""
+        try:
+            return ExpertRun(expert, self._primed(expert, request))
+        except ExpertError as exc:
+            cause = self._auto_correct(expert, exc)
+        try:
+            return ExpertRun(self._fallback, self._primed(self._fallback, request), fallback_cause=cause)
+        except ExpertError as exc:
+            log.error("fallback expert '%s' failed too: %s", self._fallback.label, exc)
+            raise ServiceUnavailable("no expert is available to answer right now", retry_after=5) from exc
+
+    def collect(self, expert: ExpertConfig, request: ChatRequest) -> tuple[ExpertConfig, list[ChatEvent], str | None]:
+        """Run to completion (non-streaming); any failure re-runs the whole request on the fallback."""
+        try:
+            return expert, list(self._watched(expert, self._backend(expert).stream_chat(request))), None
+        except ExpertError as exc:
+            cause = self._auto_correct(expert, exc)
+        try:
+            events = list(self._watched(self._fallback, self._backend(self._fallback).stream_chat(request)))
+            return self._fallback, events, cause
+        except ExpertError as exc:
+            log.error("fallback expert '%s' failed too: %s", self._fallback.label, exc)
+            raise ServiceUnavailable("no expert is available to answer right now", retry_after=5) from exc
+
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+
+    def _backend(self, expert: ExpertConfig) -> Backend:
+        return self._backends[expert.id]
+
+    def _primed(self, expert: ExpertConfig, request: ChatRequest) -> Iterator[ChatEvent]:
+        events = self._watched(expert, self._backend(expert).stream_chat(request))
+        first = next(events, None)
+        if first is None:
+            raise ExpertUnavailable("the expert ended its answer without any event")
+        return itertools.chain((first,), events)
+
+    def _watched(self, expert: ExpertConfig, events: Iterator[ChatEvent]) -> Iterator[ChatEvent]:
+        """Pass events through; log failures and timing; insist on a final Done."""
+        started = time.monotonic()
+        done = False
+        try:
+            for event in events:
+                done = isinstance(event, Done)
+                yield event
+        except ExpertError as exc:
+            log.warning("expert '%s' failed after %.2fs: %s", expert.label, time.monotonic() - started, exc)
+            raise
+        except Exception as exc:  # a backend bug must look like a failed expert, not a 500
+            log.exception("expert '%s' raised unexpectedly", expert.label)
+            raise ExpertUnavailable(f"unexpected {type(exc).__name__}") from exc
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+        if not done:
+            raise ExpertUnavailable("the expert's answer ended without a final event")
+        log.info("expert '%s' answered in %.2fs", expert.label, time.monotonic() - started)
+
+    def _auto_correct(self, expert: ExpertConfig, exc: ExpertError) -> str:
+        cause = f"{type(exc).__name__}: {exc}"
+        if expert.id == self._fallback.id:
+            log.error("fallback expert '%s' failed: %s", expert.label, cause)
+            raise ServiceUnavailable("no expert is available to answer right now", retry_after=5) from exc
+        log.warning("[Auto-Correction] expert '%s' failed (%s); answering with fallback '%s'",
+                    expert.label, cause, self._fallback.label)
+        return cause
+
+
+def build_runner(config: AppConfig, pool: ModelPool) -> ExpertRunner:
+    return ExpertRunner(config, build_backends(config, pool))
+

@@ -1,0 +1,271 @@
+"""The Flask views: parse (protocol) -> route (router) -> run (expert runner) -> format (protocol).
+
+Each view is a few lines; the protocol modules know the wire formats, `answer_chat` knows the
+order of the steps. The route table itself lives in api_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response, current_app, request
+
+from modules import ollama_protocol as ollama
+from modules import openai_protocol as openai
+from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
+from modules.config_manager import AppConfig, ExpertConfig
+from modules.errors import InvalidRequest, UnknownModel
+from modules.expert_runner import ExpertRunner
+from modules.logger import get_logger, sanitize
+from modules.model_catalog import ModelCatalog
+from modules.model_pool import ModelPool
+from modules.router_factory import Router
+
+log = get_logger("http")
+
+# Reported by /api/version. Open WebUI parses it as X.Y.Z and gates features on it, so it is a
+# recent Ollama release number rather than LeMoE's own version (which goes in a header).
+OLLAMA_COMPAT_VERSION = "0.12.6"
+LEMOE_VERSION = "0.1.0"
+_JSON = "application/json; charset=utf-8"
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Services:
+    """Everything the views need, built once per app by the factory."""
+
+    config: AppConfig
+    router: Router
+    runner: ExpertRunner
+    catalog: ModelCatalog
+    pool: ModelPool
+
+    def close(self) -> None:
+        self.runner.close()
+        self.pool.close()
+
+
+def services() -> Services:
+    return current_app.extensions["lemoe"]  # type: ignore[no-any-return]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return Response(text, status=status, content_type=_JSON, headers=headers)
+
+
+def read_json_body() -> Any:
+    """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type)."""
+    data = request.get_data(cache=False)
+    if not data:
+        raise InvalidRequest("missing request body")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("request body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise InvalidRequest("invalid JSON: nested too deeply") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise InvalidRequest(f"invalid JSON: {name} is not a valid JSON value")
+
+
+# --- the one request path shared by all four inference routes -------------------------------
+
+Formatter = Callable[[Iterable[ChatEvent]], Any]
+
+
+def answer_chat(req: ChatRequest, *, stream_format: Formatter, body_format: Formatter, mimetype: str) -> Response:
+    svc = services()
+    decision = decide_route(svc, req)
+    expert = _expert_by_id(svc.config, decision.expert_id)
+    headers = _route_headers(decision)
+    if req.stream:
+        run = svc.runner.start(expert, req)
+        headers["X-LeMoE-Expert"] = run.expert.label
+        return Response(_closing(stream_format(run.events), run.close), mimetype=mimetype,
+                        headers={**headers, **_STREAM_HEADERS})
+    answered_by, events, _cause = svc.runner.collect(expert, req)
+    headers["X-LeMoE-Expert"] = answered_by.label
+    return json_response(body_format(events), headers=headers)
+
+
+def decide_route(svc: Services, req: ChatRequest) -> RouteDecision:
+    choice = svc.catalog.choose(req.model)
+    started = time.perf_counter()
+    if choice.expert is not None:
+        decision = RouteDecision(choice.expert.id, choice.expert.label, 1.0, "direct")
+    else:
+        decision = svc.router.route(req.user_texts())
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    last = req.user_texts()[-1] if req.user_texts() else ""
+    log.info("route expert=%s method=%s score=%.3f in %.1fms model=%s text=%r", decision.label,
+             decision.method, decision.score, elapsed_ms, sanitize(req.model or "", 64), sanitize(last))
+    return decision
+
+
+def _expert_by_id(config: AppConfig, expert_id: int) -> ExpertConfig:
+    return next((e for e in config.experts if e.id == expert_id), config.fallback_expert)
+
+
+def _route_headers(decision: RouteDecision) -> dict[str, str]:
+    return {
+        "X-LeMoE-Expert": decision.label,
+        "X-LeMoE-Route-Method": decision.method,
+        "X-LeMoE-Route-Score": f"{decision.score:.4f}",
+    }
+
+
+def _closing(lines: Iterable[str], close: Callable[[], None]) -> Iterator[str]:
+    """Stream `lines`; when the client goes away (GeneratorExit) or the stream ends, stop the expert."""
+    try:
+        yield from lines
+    finally:
+        close()
+
+
+def _response_model(req: ChatRequest) -> str:
+    return req.model or "lemoe"
+
+
+# --- Ollama API --------------------------------------------------------------------------------
+
+def ollama_root() -> Response:
+    return Response("Ollama is running", content_type="text/plain; charset=utf-8")
+
+
+def ollama_version() -> Response:
+    return json_response(ollama.ollama_version(OLLAMA_COMPAT_VERSION))
+
+
+def ollama_tags() -> Response:
+    return json_response(ollama.ollama_tags(services().catalog.cards))
+
+
+def ollama_show() -> Response:
+    body = read_json_body()
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    name = body.get("model") or body.get("name")
+    if not name or not isinstance(name, str):
+        raise InvalidRequest("model is required")
+    card = services().catalog.card(name)
+    if card is None:
+        raise UnknownModel(f"model '{name}' not found")
+    return json_response(ollama.ollama_show(card))
+
+
+def ollama_ps() -> Response:
+    svc = services()
+    entries = []
+    for loaded in svc.pool.loaded():
+        for card in _cards_for_pool_key(svc, loaded.key):
+            entries.append((card, loaded.expires_at, 0))
+    return json_response(ollama.ollama_ps(entries))
+
+
+def _cards_for_pool_key(svc: Services, key: str) -> list[Any]:
+    from modules.config_manager import resolve_local_model_path
+
+    cards = []
+    for expert in svc.config.experts:
+        if expert.type == "local" and expert.model_path:
+            try:
+                path = resolve_local_model_path(expert.model_path, svc.config.project_dir,
+                                                svc.config.local_models.models_dir)
+            except ValueError:
+                continue
+            if str(path) == key:
+                cards.append(svc.catalog.card_for_expert(expert))
+    return cards
+
+
+def ollama_chat() -> Response:
+    req = ollama.chat_request_from_ollama(read_json_body())
+    if ollama.is_load_probe(req):
+        return json_response(ollama.ollama_load_response(req.model or "", "chat", unload=req.keep_alive == 0))
+    model = _response_model(req)
+    return answer_chat(
+        req,
+        stream_format=lambda events: ollama.ollama_ndjson_from_events(events, model=model),
+        body_format=lambda events: ollama.ollama_chat_from_events(events, model=model),
+        mimetype="application/x-ndjson",
+    )
+
+
+def ollama_generate() -> Response:
+    req = ollama.generate_request_from_ollama(read_json_body())
+    if ollama.is_load_probe(req):
+        return json_response(ollama.ollama_load_response(req.model or "", "generate", unload=req.keep_alive == 0))
+    model = _response_model(req)
+    return answer_chat(
+        req,
+        stream_format=lambda events: ollama.ollama_generate_ndjson_from_events(events, model=model),
+        body_format=lambda events: ollama.ollama_generate_from_events(events, model=model),
+        mimetype="application/x-ndjson",
+    )
+
+
+# --- OpenAI API --------------------------------------------------------------------------------
+
+def openai_models() -> Response:
+    return json_response(openai.openai_model_list(services().catalog.cards))
+
+
+def openai_model(model_id: str) -> Response:
+    card = services().catalog.card(model_id)
+    if card is None:
+        raise UnknownModel(f"The model '{model_id}' does not exist")
+    return json_response(openai.openai_model(card))
+
+
+def openai_chat_completions() -> Response:
+    req = openai.chat_request_from_openai(read_json_body())
+    model, cid, created = _response_model(req), openai.new_completion_id("chatcmpl"), int(time.time())
+    return answer_chat(
+        req,
+        stream_format=lambda events: openai.openai_sse_from_events(
+            events, model=model, completion_id=cid, created=created, include_usage=req.include_usage),
+        body_format=lambda events: openai.openai_completion_from_events(
+            events, model=model, completion_id=cid, created=created),
+        mimetype="text/event-stream",
+    )
+
+
+def openai_completions() -> Response:
+    req = openai.completion_request_from_openai(read_json_body())
+    model, cid, created = _response_model(req), openai.new_completion_id("cmpl"), int(time.time())
+    return answer_chat(
+        req,
+        stream_format=lambda events: openai.openai_text_sse_from_events(
+            events, model=model, completion_id=cid, created=created, include_usage=req.include_usage),
+        body_format=lambda events: openai.openai_text_completion_from_events(
+            events, model=model, completion_id=cid, created=created),
+        mimetype="text/event-stream",
+    )
+
+
+# --- LeMoE's own -------------------------------------------------------------------------------
+
+def lemoe_route() -> Response:
+    """Dry run: the routing decision for a chat-completions body, without generating."""
+    req = openai.chat_request_from_openai(read_json_body())
+    decision = decide_route(services(), req)
+    return json_response({
+        "expert": decision.label,
+        "expert_id": decision.expert_id,
+        "method": decision.method,
+        "score": decision.score,
+        "scores": decision.scores,
+        "context_used": decision.context_used,
+    }, headers=_route_headers(decision))

