@@ -264,8 +264,10 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
     """Read and validate config.json and the experts file it names.
 
     `config_path` defaults to $LEMOE_CONFIG, then config/config.json of the project. The
-    experts file (`router.categories_file`) is resolved against `project_dir` and must stay in it.
+    experts file (`router.categories_file`), models/ and logs/ are resolved against the project
+    folder (`project_dir`, else $LEMOE_PROJECT_DIR, else this checkout) and must stay in it.
     """
+    project_dir = project_dir or os.environ.get("LEMOE_PROJECT_DIR")
     project = Path(project_dir).resolve() if project_dir else PROJECT_DIR
     cfg_path = Path(config_path or os.environ.get("LEMOE_CONFIG") or DEFAULT_CONFIG_PATH)
     if not cfg_path.is_absolute():
