@@ -21,5 +21,10 @@ class Router(Protocol):
 
 def build_router(config: AppConfig) -> Router:
     from modules.generic_router import KeywordRouter
+    from modules.logger import get_logger
+
+    if config.router.model_path:
+        get_logger("router").warning(
+            "router.model_path '%s' is set, but this release routes with keywords only", config.router.model_path)
 
     return KeywordRouter(config.experts, config.router)
