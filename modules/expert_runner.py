@@ -10,7 +10,6 @@ The runner only knows the `Backend` interface. It owns the failure semantics:
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,7 +34,29 @@ class ExpertRun:
     fallback_cause: str | None = None
 
     def close(self) -> None:
+        """Stop the expert's work (the client went away or the answer is complete)."""
         close = getattr(self.events, "close", None)
+        if close is not None:
+            close()
+
+
+class _Prepended(Iterator[ChatEvent]):
+    """An already-fetched first event followed by the rest; `close()` reaches the backend even
+    when nothing was consumed yet (a generator that never started ignores close())."""
+
+    def __init__(self, first: ChatEvent, rest: Iterator[ChatEvent]) -> None:
+        self._first: ChatEvent | None = first
+        self._rest = rest
+
+    def __next__(self) -> ChatEvent:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return next(self._rest)
+
+    def close(self) -> None:
+        self._first = None
+        close = getattr(self._rest, "close", None)
         if close is not None:
             close()
 
@@ -145,7 +166,7 @@ class ExpertRunner:
         first = next(events, None)
         if first is None:
             raise ExpertUnavailable("the expert ended its answer without any event")
-        return itertools.chain((first,), events)
+        return _Prepended(first, events)
 
     def _watched(self, expert: ExpertConfig, events: Iterator[ChatEvent]) -> Iterator[ChatEvent]:
         """Pass events through; log failures and timing; insist on a final Done."""

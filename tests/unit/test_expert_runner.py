@@ -1,0 +1,149 @@
+"""The runner's failure semantics, with scripted backends (like httpx's MockTransport)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta
+from modules.config_manager import AppConfig, ExpertConfig, LocalModelsConfig, RouterConfig, ServerConfig
+from modules.errors import ExpertStreamBroken, ExpertTimeout, ExpertUnavailable, ServiceUnavailable
+from modules.expert_runner import ExpertRunner
+
+
+class ScriptedBackend:
+    def __init__(self, script: Callable[[ChatRequest], Iterator[ChatEvent]]) -> None:
+        self.script = script
+        self.calls = 0
+        self.closed_streams = 0
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
+        self.calls += 1
+        try:
+            yield from self.script(request)
+        finally:
+            self.closed_streams += 1
+
+    def close(self) -> None:
+        pass
+
+
+def answer(text: str) -> Callable[[ChatRequest], Iterator[ChatEvent]]:
+    def script(request: ChatRequest) -> Iterator[ChatEvent]:
+        for word in text.split(" "):
+            yield TextDelta(word + " ")
+        yield Done()
+    return script
+
+
+def fail(exc: Exception, after: int = 0) -> Callable[[ChatRequest], Iterator[ChatEvent]]:
+    def script(request: ChatRequest) -> Iterator[ChatEvent]:
+        for i in range(after):
+            yield TextDelta(f"t{i} ")
+        raise exc
+    return script
+
+
+def expert(i: int, label: str) -> ExpertConfig:
+    return ExpertConfig(id=i, label=label, type="ollama", url="http://127.0.0.1:1", model_name="m")
+
+
+CONFIG = AppConfig(
+    server=ServerConfig(), router=RouterConfig(), local_models=LocalModelsConfig(),
+    experts=(expert(0, "fallback"), expert(1, "coder")),
+    project_dir=Path("."), config_path=Path("c.json"), experts_path=Path("e.json"),
+)
+FALLBACK, CODER = CONFIG.experts
+REQUEST = ChatRequest(model=None, messages=[Message(role="user", content="hi")], stream=True)
+
+
+def runner(fallback: ScriptedBackend, coder: ScriptedBackend) -> ExpertRunner:
+    return ExpertRunner(CONFIG, {0: fallback, 1: coder})
+
+
+def text_of(events: list[ChatEvent] | Iterator[ChatEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def test_healthy_expert_answers_itself() -> None:
+    fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(answer("coder here"))
+    run = runner(fb, coder).start(CODER, REQUEST)
+    assert run.expert is CODER and run.fallback_cause is None
+    assert text_of(run.events).strip() == "coder here"
+    assert fb.calls == 0
+
+
+@pytest.mark.parametrize("exc", [ExpertUnavailable("refused"), ExpertTimeout("slow"), ExpertStreamBroken("junk")])
+def test_failure_before_first_event_falls_back_silently(exc: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(fail(exc))
+    with caplog.at_level(logging.WARNING, logger="lemoe"):
+        run = runner(fb, coder).start(CODER, REQUEST)
+        events = list(run.events)
+    assert run.expert is FALLBACK
+    assert text_of(events).strip() == "fallback here"
+    assert isinstance(events[-1], Done)
+    assert run.fallback_cause and type(exc).__name__ in run.fallback_cause
+    assert any("[Auto-Correction]" in r.message and "coder" in r.message for r in caplog.records)
+
+
+def test_unexpected_backend_exception_counts_as_a_failed_expert() -> None:
+    fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(fail(KeyError("boom")))
+    run = runner(fb, coder).start(CODER, REQUEST)
+    assert run.expert is FALLBACK and text_of(run.events).strip() == "fallback here"
+
+
+def test_failure_after_first_event_is_raised_to_the_protocol_layer() -> None:
+    fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(fail(ExpertStreamBroken("drop"), after=2))
+    run = runner(fb, coder).start(CODER, REQUEST)
+    assert run.expert is CODER
+    got = []
+    with pytest.raises(ExpertStreamBroken):
+        for event in run.events:
+            got.append(event)
+    assert text_of(got) == "t0 t1 "
+    assert fb.calls == 0
+
+
+def test_stream_without_done_is_a_failure() -> None:
+    def no_done(request: ChatRequest) -> Iterator[ChatEvent]:
+        yield TextDelta("partial")
+    run = runner(ScriptedBackend(answer("fb")), ScriptedBackend(no_done)).start(CODER, REQUEST)
+    with pytest.raises(ExpertUnavailable):
+        list(run.events)
+
+
+def test_empty_stream_falls_back() -> None:
+    def nothing(request: ChatRequest) -> Iterator[ChatEvent]:
+        return iter(())
+    run = runner(ScriptedBackend(answer("fb")), ScriptedBackend(nothing)).start(CODER, REQUEST)
+    assert run.expert is FALLBACK
+
+
+def test_non_streaming_failure_mid_answer_reruns_on_fallback() -> None:
+    fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(fail(ExpertStreamBroken("drop"), after=3))
+    answered_by, events, cause = runner(fb, coder).collect(CODER, REQUEST)
+    assert answered_by is FALLBACK and cause is not None
+    assert text_of(events).strip() == "fallback here"
+
+
+def test_fallback_failing_too_is_a_503() -> None:
+    fb, coder = ScriptedBackend(fail(ExpertUnavailable("down"))), ScriptedBackend(fail(ExpertUnavailable("down")))
+    r = runner(fb, coder)
+    with pytest.raises(ServiceUnavailable) as info:
+        r.start(CODER, REQUEST)
+    assert info.value.status_code == 503 and "down" not in info.value.message
+    with pytest.raises(ServiceUnavailable):
+        r.collect(CODER, REQUEST)
+    with pytest.raises(ServiceUnavailable):
+        r.start(FALLBACK, REQUEST)
+
+
+def test_closing_the_run_closes_the_backend_stream() -> None:
+    coder = ScriptedBackend(answer("a b c d e"))
+    run = runner(ScriptedBackend(answer("fb")), coder).start(CODER, REQUEST)
+    next(run.events)
+    run.close()
+    assert coder.closed_streams == 1
