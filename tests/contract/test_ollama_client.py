@@ -78,8 +78,8 @@ def test_tool_calls_pass_through(client: ollama.Client, fake_upstream: FakeUpstr
 
 def test_errors(client: ollama.Client) -> None:
     with pytest.raises(ollama.ResponseError) as info:
-        client.chat(model="", messages=CODE_Q)
-    assert info.value.status_code == 400
+        client.generate(model="lemoe", prompt="x", raw=True, system="be brief")
+    assert info.value.status_code == 400 and "raw" in info.value.error
 
 
 def test_fallback_expert_really_generates(client: ollama.Client) -> None:
