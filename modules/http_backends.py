@@ -1,0 +1,196 @@
+"""Experts that live on another server: a remote Ollama (`type: ollama`) or any OpenAI-compatible
+server (`type: openai`).
+
+Each backend owns one pooled `requests.Session`, always streams from the upstream (so the first
+event is available as early as the upstream sends it, and a hung upstream is caught by the read
+timeout between chunks) and leaves every wire detail to the protocol modules' converters.
+Everything `requests`/`urllib3` can throw is translated into an `ExpertError` in one place,
+`map_requests_exceptions`, so the runner can fall back without knowing which library failed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import requests
+import urllib3.exceptions
+from requests.adapters import HTTPAdapter
+
+from modules.chat_types import ChatEvent, ChatRequest
+from modules.config_manager import ExpertConfig, ServerConfig
+from modules.errors import ExpertError, ExpertStreamBroken, ExpertTimeout, ExpertUnavailable
+from modules.logger import get_logger, sanitize
+from modules.ollama_protocol import (
+    events_from_ollama_ndjson,
+    ollama_chat_body_from_request,
+    ollama_generate_body_from_request,
+)
+from modules.openai_protocol import (
+    events_from_openai_sse,
+    openai_chat_body_from_request,
+    openai_completion_body_from_request,
+)
+
+_log = get_logger("http_backends")
+
+# How much of an error body goes into the log line: enough to see the upstream's reason.
+_SNIPPET_BYTES = 1024
+_SNIPPET_CHARS = 200
+
+# Most specific first: ConnectTimeout is both a Timeout and a ConnectionError, and every
+# requests exception is also an OSError.
+EXCEPTION_MAP: tuple[tuple[type[BaseException], type[ExpertError]], ...] = (
+    (requests.exceptions.Timeout, ExpertTimeout),
+    (urllib3.exceptions.TimeoutError, ExpertTimeout),
+    (requests.exceptions.ChunkedEncodingError, ExpertStreamBroken),
+    (requests.exceptions.ContentDecodingError, ExpertStreamBroken),
+    (requests.exceptions.StreamConsumedError, ExpertStreamBroken),
+    (urllib3.exceptions.ProtocolError, ExpertStreamBroken),
+    (urllib3.exceptions.DecodeError, ExpertStreamBroken),
+    # Bytes that are not UTF-8 where the converters expect text.
+    (UnicodeError, ExpertStreamBroken),
+    # Refused, DNS failure, reset before the status line, bad URL, too many redirects, ...
+    (requests.exceptions.RequestException, ExpertUnavailable),
+    (urllib3.exceptions.HTTPError, ExpertUnavailable),
+    (OSError, ExpertUnavailable),
+)
+
+_WHAT = {ExpertTimeout: "timed out", ExpertStreamBroken: "stream broke", ExpertUnavailable: "unreachable"}
+
+
+def expert_error_class(exc: BaseException) -> type[ExpertError] | None:
+    """The `ExpertError` subclass a foreign exception stands for, or None if it is not ours to map."""
+    # requests reports a read timeout *while streaming* as a ConnectionError wrapping urllib3's
+    # ReadTimeoutError (models.Response.iter_content); it is still a timeout.
+    if isinstance(exc, requests.exceptions.ConnectionError) and any(
+        isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in exc.args
+    ):
+        return ExpertTimeout
+    for foreign, ours in EXCEPTION_MAP:
+        if isinstance(exc, foreign):
+            return ours
+    return None
+
+
+def _redacted(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+@contextmanager
+def map_requests_exceptions(label: str, secret: str | None = None) -> Iterator[None]:
+    """Re-raise whatever requests/urllib3 throw as the most specific `ExpertError`.
+
+    `ExpertError`s (from the converters, or raised inside the block) pass through untouched.
+    Messages are for the log: sanitised, bounded, and never contain `secret`.
+    """
+    try:
+        yield
+    except ExpertError:
+        raise
+    except Exception as exc:
+        mapped = expert_error_class(exc)
+        if mapped is None:
+            raise
+        detail = sanitize(_redacted(str(exc), secret), _SNIPPET_CHARS)
+        raise mapped(f"expert '{label}' {_WHAT[mapped]} ({type(exc).__name__}: {detail})") from exc
+
+
+def _body_snippet(response: requests.Response, secret: str | None) -> str:
+    """The start of an error body, safe for one log line (an upstream may echo our headers)."""
+    try:
+        head = next(response.iter_content(_SNIPPET_BYTES), b"")
+    except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError):
+        return "(unreadable body)"
+    text = head.decode("utf-8", "replace") if isinstance(head, bytes) else str(head)
+    return sanitize(_redacted(text, secret), _SNIPPET_CHARS) or "(empty body)"
+
+
+class _HttpBackend:
+    """What both HTTP backends share: one pooled session, timeouts, the API key, error mapping."""
+
+    def __init__(self, expert: ExpertConfig, server: ServerConfig) -> None:
+        if not expert.url or not expert.model_name:
+            raise ValueError(f"expert '{expert.label}' needs url and model_name")
+        self._label = expert.label
+        self._base_url = expert.url.rstrip("/")
+        self._model_name = expert.model_name
+        self._timeouts = (server.connect_timeout, expert.timeout or server.read_timeout)
+        self._key_env = expert.api_key_env
+        # Read once: the environment is the deployment's, not something to re-check per request.
+        self._api_key = (os.environ.get(self._key_env) or None) if self._key_env else None
+        if self._key_env and self._api_key is None:
+            _log.warning(
+                "expert '%s': environment variable %s is not set; the expert will be skipped",
+                self._label,
+                self._key_env,
+            )
+        self._session = requests.Session()
+        # One open stream per server thread at most, so that many pooled connections suffice.
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=server.threads)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
+        """POST the request upstream (always streamed) and yield its events as they arrive."""
+        if self._key_env and self._api_key is None:
+            raise ExpertUnavailable(f"expert '{self._label}': environment variable {self._key_env} is not set")
+        url, body = self._url_and_body(request)
+        with map_requests_exceptions(self._label, self._api_key):
+            response = self._session.post(
+                url, json=body, headers=self._headers(), stream=True, timeout=self._timeouts
+            )
+            try:
+                if response.status_code != 200:
+                    raise ExpertUnavailable(
+                        f"expert '{self._label}' answered HTTP {response.status_code}: "
+                        f"{_body_snippet(response, self._api_key)}"
+                    )
+                yield from self._events(response.iter_lines())
+            finally:
+                # Also runs when the consumer closes us early (client gone): drop the upstream
+                # connection instead of leaving the upstream generating into a full socket.
+                response.close()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def _url_and_body(self, request: ChatRequest) -> tuple[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
+        raise NotImplementedError
+
+
+class OllamaBackend(_HttpBackend):
+    """An expert served by a remote Ollama: /api/chat, or /api/generate for completions."""
+
+    def _url_and_body(self, request: ChatRequest) -> tuple[str, dict[str, Any]]:
+        if request.kind == "completion":
+            return f"{self._base_url}/api/generate", ollama_generate_body_from_request(request, self._model_name)
+        return f"{self._base_url}/api/chat", ollama_chat_body_from_request(request, self._model_name)
+
+    def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
+        return events_from_ollama_ndjson(lines)
+
+
+class OpenAIBackend(_HttpBackend):
+    """An expert on an OpenAI-compatible server: /v1/chat/completions, or /v1/completions."""
+
+    def __init__(self, expert: ExpertConfig, server: ServerConfig) -> None:
+        super().__init__(expert, server)
+        # Users paste base URLs both ways ("http://host:8000" and "http://host:8000/v1").
+        self._base_url = self._base_url.removesuffix("/v1")
+
+    def _url_and_body(self, request: ChatRequest) -> tuple[str, dict[str, Any]]:
+        if request.kind == "completion":
+            return f"{self._base_url}/v1/completions", openai_completion_body_from_request(request, self._model_name)
+        return f"{self._base_url}/v1/chat/completions", openai_chat_body_from_request(request, self._model_name)
+
+    def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
+        return events_from_openai_sse(lines)

@@ -1,0 +1,352 @@
+"""The HTTP backends against a real loopback upstream: events, forwarding, and every failure."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+import urllib3.exceptions
+
+from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ThinkingDelta, ToolCallDelta
+from modules.config_manager import ExpertConfig, ServerConfig
+from modules.errors import ExpertError, ExpertStreamBroken, ExpertTimeout, ExpertUnavailable
+from modules.http_backends import (
+    OllamaBackend,
+    OpenAIBackend,
+    expert_error_class,
+    map_requests_exceptions,
+)
+from tests.fakes.fake_upstream import FakeUpstream
+
+BACKENDS = {"ollama": OllamaBackend, "openai": OpenAIBackend}
+SERVER = ServerConfig(connect_timeout=2.0, read_timeout=5.0, threads=8)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+SECRET = "sk-test-0123456789"
+
+
+def _expert(url: str, kind: str, **fields: object) -> ExpertConfig:
+    return ExpertConfig(id=1, label="remote", type=kind, url=url, model_name="up-model", **fields)  # type: ignore[arg-type]
+
+
+def _chat(**fields: object) -> ChatRequest:
+    return ChatRequest(model="remote", messages=[Message(role="user", content="hi")], **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_backend(kind: str) -> Iterator:
+    built: list = []
+
+    def make(url: str, **fields: object) -> OllamaBackend | OpenAIBackend:
+        backend = BACKENDS[kind](_expert(url, kind, **fields), SERVER)
+        built.append(backend)
+        return backend
+
+    yield make
+    for backend in built:
+        backend.close()
+
+
+def _chat_path(kind: str) -> str:
+    return "/api/chat" if kind == "ollama" else "/v1/chat/completions"
+
+
+def _collect(events: Iterator[ChatEvent]) -> tuple[list[ChatEvent], ExpertError | None]:
+    """The events that arrived before the stream failed, and the failure (if any)."""
+    seen: list[ChatEvent] = []
+    try:
+        for event in events:
+            seen.append(event)
+    except ExpertError as exc:
+        return seen, exc
+    return seen, None
+
+
+# --- answers ---------------------------------------------------------------------------------------
+
+
+def test_chat_streams_text_then_one_done(fake_upstream: FakeUpstream, make_backend, kind: str) -> None:
+    events = list(make_backend(fake_upstream.url).stream_chat(_chat()))
+    assert events[:3] == [TextDelta("Hello"), TextDelta(" from"), TextDelta(" up-model")]
+    assert len(events) == 4 and isinstance(events[3], Done)
+    assert events[3].done_reason == "stop"
+    assert (events[3].usage.prompt_tokens, events[3].usage.completion_tokens) == (5, 3)
+    recorded = fake_upstream.last_request
+    assert recorded.path == _chat_path(kind) and recorded.json["model"] == "up-model"
+    assert recorded.json["stream"] is True
+    assert "Authorization" not in recorded.headers
+
+
+def test_ollama_usage_keeps_durations(fake_upstream: FakeUpstream) -> None:
+    backend = OllamaBackend(_expert(fake_upstream.url, "ollama"), SERVER)
+    done = list(backend.stream_chat(_chat()))[-1]
+    assert isinstance(done, Done) and done.usage.total_duration_ns == 1_200_000_000
+    backend.close()
+
+
+def test_completion_kind_uses_the_completion_endpoint(fake_upstream: FakeUpstream, make_backend, kind: str) -> None:
+    fake_upstream.behave("up-model", tokens=["x = ", "1"])
+    request = ChatRequest(model="remote", messages=[], kind="completion", prompt="def f():", suffix="return x")
+    events = list(make_backend(fake_upstream.url).stream_chat(request))
+    assert events[:-1] == [TextDelta("x = "), TextDelta("1")] and isinstance(events[-1], Done)
+    recorded = fake_upstream.last_request
+    assert recorded.path == ("/api/generate" if kind == "ollama" else "/v1/completions")
+    assert recorded.json["prompt"] == "def f():" and recorded.json["suffix"] == "return x"
+
+
+def test_ollama_forwards_options_tools_and_format(fake_upstream: FakeUpstream) -> None:
+    backend = OllamaBackend(_expert(fake_upstream.url, "ollama"), SERVER)
+    request = _chat(options={"temperature": 0.2, "num_predict": 10, "stop": ["\n\n"]}, tools=TOOLS, format="json")
+    list(backend.stream_chat(request))
+    body = fake_upstream.last_request.json
+    assert body["options"] == {"temperature": 0.2, "num_predict": 10, "stop": ["\n\n"]}
+    assert body["tools"] == TOOLS and body["format"] == "json"
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    backend.close()
+
+
+def test_openai_forwards_options_tools_and_format(fake_upstream: FakeUpstream) -> None:
+    backend = OpenAIBackend(_expert(fake_upstream.url, "openai"), SERVER)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    list(backend.stream_chat(_chat(options={"temperature": 0.2, "num_predict": 10}, tools=TOOLS, format=schema)))
+    body = fake_upstream.last_request.json
+    assert body["temperature"] == 0.2 and body["max_tokens"] == 10
+    assert body["tools"] == TOOLS and body["response_format"]["json_schema"]["schema"] == schema
+    assert body["stream_options"] == {"include_usage": True}
+    backend.close()
+
+
+def test_openai_url_with_or_without_v1(fake_upstream: FakeUpstream) -> None:
+    for url in (fake_upstream.url, f"{fake_upstream.url}/v1", f"{fake_upstream.url}/v1/"):
+        backend = OpenAIBackend(_expert(url, "openai"), SERVER)
+        assert isinstance(list(backend.stream_chat(_chat()))[-1], Done)
+        backend.close()
+    assert [r.path for r in fake_upstream.requests] == ["/v1/chat/completions"] * 3
+
+
+def test_tool_call_answer(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", tool_call=("get_weather", {"city": "Tokyo", "days": 3}))
+    events = list(make_backend(fake_upstream.url).stream_chat(_chat(tools=TOOLS)))
+    calls = [e.call for e in events if isinstance(e, ToolCallDelta)]
+    assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Tokyo", "days": 3})]
+    assert not any(isinstance(e, TextDelta) for e in events)
+    assert [type(e) for e in events][-1] is Done and sum(isinstance(e, Done) for e in events) == 1
+
+
+def test_thinking_comes_before_text(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", thinking=["let me see"], tokens=["ok"])
+    events = list(make_backend(fake_upstream.url).stream_chat(_chat()))
+    assert events[:2] == [ThinkingDelta("let me see"), TextDelta("ok")]
+
+
+def test_concurrent_streams_share_the_pool(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", tokens=["a", "b", "c"], delay_between=0.2)
+    backend = make_backend(fake_upstream.url)
+    results: list[list[ChatEvent]] = []
+
+    def run() -> None:
+        results.append(list(backend.stream_chat(_chat())))
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    # Six 0.4 s answers in parallel, not one after the other (2.4 s).
+    assert time.monotonic() - started < 1.8
+    assert len(results) == 6 and all(r[:3] == [TextDelta("a"), TextDelta("b"), TextDelta("c")] for r in results)
+
+
+# --- API keys ----------------------------------------------------------------------------------------
+
+
+def test_api_key_is_sent_as_bearer(fake_upstream: FakeUpstream, make_backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_API_KEY", SECRET)
+    fake_upstream.behave("up-model", require_key=SECRET)
+    events = list(make_backend(fake_upstream.url, api_key_env="UPSTREAM_API_KEY").stream_chat(_chat()))
+    assert isinstance(events[-1], Done)
+    assert fake_upstream.last_request.headers["Authorization"] == f"Bearer {SECRET}"
+
+
+class _Records(logging.Handler):
+    # Our own handler: caplog depends on propagation, which the app's logging set-up turns off.
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_missing_key_variable_is_unavailable_and_warned_once(fake_upstream: FakeUpstream, make_backend) -> None:
+    logger = logging.getLogger("lemoe.http_backends")
+    handler = _Records()
+    logger.addHandler(handler)
+    try:
+        backend = make_backend(fake_upstream.url, api_key_env="UPSTREAM_API_KEY")
+        for _ in range(2):
+            with pytest.raises(ExpertUnavailable, match="UPSTREAM_API_KEY"):
+                list(backend.stream_chat(_chat()))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.levelname for r in handler.records if "UPSTREAM_API_KEY" in r.getMessage()] == ["WARNING"]
+    assert fake_upstream.requests == []
+
+
+def test_rejected_key_never_appears_in_the_error(
+    fake_upstream: FakeUpstream, make_backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("UPSTREAM_API_KEY", SECRET)
+    # An upstream that echoes what it got: the key must still not reach our messages.
+    fake_upstream.behave("up-model", fail_status=401, fail_body=f'{{"error": "bad key Bearer {SECRET}"}}')
+    with pytest.raises(ExpertUnavailable) as info:
+        list(make_backend(fake_upstream.url, api_key_env="UPSTREAM_API_KEY").stream_chat(_chat()))
+    assert "401" in str(info.value) and "bad key" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+# --- failures before the first event ------------------------------------------------------------------
+
+
+def test_backend_down_is_unavailable(closed_port_url: str, make_backend) -> None:
+    with pytest.raises(ExpertUnavailable) as info:
+        list(make_backend(closed_port_url).stream_chat(_chat()))
+    assert isinstance(info.value.__cause__, requests.ConnectionError)
+
+
+def test_error_status_is_unavailable_with_a_snippet(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", fail_status=500, fail_body='{"error":"CUDA out of memory\\u001b[31m"}\n' + "x" * 5000)
+    with pytest.raises(ExpertUnavailable) as info:
+        list(make_backend(fake_upstream.url).stream_chat(_chat()))
+    message = str(info.value)
+    assert "HTTP 500" in message and "CUDA out of memory" in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_refused_answer_is_unavailable(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", refuse=True)
+    with pytest.raises(ExpertUnavailable):
+        list(make_backend(fake_upstream.url).stream_chat(_chat()))
+
+
+def test_slow_first_token_times_out(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", delay_first=3.0)
+    started = time.monotonic()
+    with pytest.raises(ExpertTimeout):
+        list(make_backend(fake_upstream.url, timeout=0.3).stream_chat(_chat()))
+    assert time.monotonic() - started < 2.0
+
+
+# --- failures after events went out --------------------------------------------------------------------
+
+
+def test_stall_between_chunks_times_out(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", delay_between=3.0)
+    seen, error = _collect(make_backend(fake_upstream.url, timeout=0.3).stream_chat(_chat()))
+    assert seen == [TextDelta("Hello")] and isinstance(error, ExpertTimeout)
+
+
+def test_drop_mid_stream_breaks_the_stream(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", drop_after=2)
+    seen, error = _collect(make_backend(fake_upstream.url).stream_chat(_chat()))
+    assert seen == [TextDelta("Hello"), TextDelta(" from")]
+    assert isinstance(error, ExpertStreamBroken)
+
+
+def test_garbage_breaks_the_stream(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", garbage=True)
+    seen, error = _collect(make_backend(fake_upstream.url).stream_chat(_chat()))
+    assert seen == [] and isinstance(error, ExpertStreamBroken)
+
+
+def test_in_stream_error_breaks_the_stream(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", stream_error="model crashed", stream_error_after=1)
+    seen, error = _collect(make_backend(fake_upstream.url).stream_chat(_chat()))
+    assert seen == [TextDelta("Hello")]
+    assert isinstance(error, ExpertStreamBroken) and "model crashed" in str(error)
+
+
+def test_closing_early_releases_the_upstream(fake_upstream: FakeUpstream, make_backend) -> None:
+    fake_upstream.behave("up-model", tokens=["tok"] * 200, delay_between=0.05)
+    events = make_backend(fake_upstream.url).stream_chat(_chat())
+    assert next(events) == TextDelta("tok")
+    started = time.monotonic()
+    events.close()  # type: ignore[attr-defined]
+    assert time.monotonic() - started < 1.0
+    # The upstream notices its client is gone instead of writing 200 chunks into the void.
+    assert fake_upstream.wait_for_disconnects(1, timeout=3.0)
+
+
+# --- the one place foreign exceptions are translated ---------------------------------------------------
+
+
+def _instances_of_every_requests_exception() -> list[BaseException]:
+    classes = [
+        cls
+        for cls in vars(requests.exceptions).values()
+        if isinstance(cls, type) and issubclass(cls, requests.exceptions.RequestException)
+    ]
+    instances = []
+    for cls in classes:
+        try:
+            instances.append(cls("boom"))
+        except TypeError:  # JSONDecodeError wants (msg, doc, pos)
+            instances.append(cls("boom", "", 0))
+    return instances
+
+
+@pytest.mark.parametrize("exc", _instances_of_every_requests_exception(), ids=lambda e: type(e).__name__)
+def test_every_requests_exception_is_mapped(exc: BaseException) -> None:
+    assert expert_error_class(exc) is not None
+    with pytest.raises(ExpertError) as info:
+        with map_requests_exceptions("remote"):
+            raise exc
+    assert info.value.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (requests.exceptions.ConnectTimeout("connect"), ExpertTimeout),
+        (requests.exceptions.ReadTimeout("read"), ExpertTimeout),
+        (requests.ConnectionError(urllib3.exceptions.ReadTimeoutError(None, "/api/chat", "read timed out")), ExpertTimeout),
+        (requests.ConnectionError("refused"), ExpertUnavailable),
+        (requests.exceptions.ChunkedEncodingError("cut"), ExpertStreamBroken),
+        (urllib3.exceptions.ProtocolError("reset"), ExpertStreamBroken),
+        (urllib3.exceptions.ReadTimeoutError(None, "/", "slow"), ExpertTimeout),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"), ExpertStreamBroken),
+        (ConnectionResetError("reset"), ExpertUnavailable),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v.__name__,
+)
+def test_mapping_picks_the_most_specific_error(exc: BaseException, expected: type[ExpertError]) -> None:
+    with pytest.raises(expected):
+        with map_requests_exceptions("remote"):
+            raise exc
+
+
+def test_mapping_leaves_our_errors_and_bugs_alone() -> None:
+    ours = ExpertStreamBroken("from a converter")
+    with pytest.raises(ExpertStreamBroken) as info:
+        with map_requests_exceptions("remote"):
+            raise ours
+    assert info.value is ours
+    with pytest.raises(KeyError):
+        with map_requests_exceptions("remote"):
+            raise KeyError("a bug stays a bug")
+
+
+def test_mapped_messages_hide_the_key() -> None:
+    with pytest.raises(ExpertUnavailable) as info:
+        with map_requests_exceptions("remote", secret=SECRET):
+            raise requests.ConnectionError(f"proxy said: bad token {SECRET}")
+    assert SECRET not in str(info.value) and "***" in str(info.value)
