@@ -38,11 +38,27 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
     threads: int = Field(32, ge=1, le=1024, description="Threads per worker (one per open stream).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
-    rate_limit_per_minute: int = Field(60, ge=0, description="Requests per minute per IP; 0 is off.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a remote expert.")
     read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for an expert's next chunk.")
     log_file: str = Field("logs/lemoe.log", description="Log file under the project ('' = stderr only).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    expert_failures_before_cooldown: int = Field(3, ge=1, description="Failures in a row that bench an expert.")
+    expert_cooldown_seconds: float = Field(30.0, ge=0, description="How long a benched expert is skipped.")
+
+
+class RateLimitConfig(_Strict):
+    per_minute: int = Field(60, ge=0, description="Requests per minute per client IP (sliding window); 0 = off.")
+    storage_uri: str = Field("memory://", description="Where counts live: memory:// or redis://host:port.")
+    trusted_proxies: int = Field(0, ge=0, le=10, description="Reverse proxies whose X-Forwarded-For is trusted.")
+
+
+class AuthConfig(_Strict):
+    api_keys_env: str = Field("LEMOE_API_KEYS", description="Env var with comma-separated API keys.")
+    api_keys_file: str = Field("", description="File (inside the project) with one API key per line.")
+
+
+class CorsConfig(_Strict):
+    allowed_origins: list[str] = Field(default_factory=list, description="Origins allowed besides Ollama's defaults.")
 
 
 class ScoringWeights(_Strict):
@@ -71,9 +87,16 @@ class LocalModelsConfig(_Strict):
     model_ttl_seconds: float = Field(300, ge=0, description="Unload a local model after this idle time.")
     n_ctx: int = Field(2048, ge=128, description="Default context size for GGUF models.")
     n_threads: int = Field(0, ge=0, description="CPU threads for GGUF inference; 0 = all cores.")
+    stats_file: str = Field("data/model_stats.json", description="Load/usage statistics, inside the project.")
 
 
 ExpertType = Literal["local", "ollama", "api", "openai"]
+# Per-expert default generation options, under Ollama's names, with the JSON types they take.
+GENERATION_OPTIONS: dict[str, tuple[type, ...]] = {
+    "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
+    "num_predict": (int,), "num_ctx": (int,), "seed": (int,), "stop": (list,),
+    "repeat_penalty": (int, float), "presence_penalty": (int, float), "frequency_penalty": (int, float),
+}
 
 
 class ExpertConfig(_Strict):
@@ -92,6 +115,8 @@ class ExpertConfig(_Strict):
     api_key_env: str | None = Field(None, description="Name of the env var holding the API key.")
     api_base: str | None = Field(None, description="api: custom base URL for the provider.")
     timeout: float | None = Field(None, gt=0, description="Read timeout override in seconds.")
+    system_prompt: str | None = Field(None, description="System message added when the request has none.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Default generation options (Ollama names).")
 
     @field_validator("label")
     @classmethod
@@ -114,6 +139,19 @@ class ExpertConfig(_Strict):
     def _env_name(cls, v: str | None) -> str | None:
         if v is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v):
             raise ValueError("must be the NAME of an environment variable, not a key")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(GENERATION_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(GENERATION_OPTIONS)}")
+        for key, value in v.items():
+            expected = GENERATION_OPTIONS[key]
+            ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
+            if not ok:
+                raise ValueError(f"option '{key}' has the wrong type ({type(value).__name__})")
         return v
 
     @model_validator(mode="after")
@@ -159,6 +197,9 @@ class ConfigFile(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     local_models: LocalModelsConfig = Field(default_factory=LocalModelsConfig)
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
 
 
 class AppConfig(BaseModel):
@@ -170,6 +211,9 @@ class AppConfig(BaseModel):
     router: RouterConfig
     local_models: LocalModelsConfig
     experts: tuple[ExpertConfig, ...]
+    rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     project_dir: Path
     config_path: Path
     experts_path: Path
@@ -304,6 +348,9 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
         router=cfg.router,
         local_models=cfg.local_models,
         experts=tuple(experts.experts),
+        rate_limit=cfg.rate_limit,
+        auth=cfg.auth,
+        cors=cfg.cors,
         project_dir=project,
         config_path=cfg_path,
         experts_path=experts_path,

@@ -10,12 +10,13 @@ The runner only knows the `Backend` interface. It owns the failure semantics:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from modules.backend import Backend
-from modules.chat_types import ChatEvent, ChatRequest, Done
+from modules.chat_types import ChatEvent, ChatRequest, Done, Message
 from modules.config_manager import AppConfig, ExpertConfig, resolve_local_model_path
 from modules.errors import ExpertError, ExpertUnavailable, ServiceUnavailable
 from modules.logger import get_logger
@@ -144,12 +145,13 @@ class ExpertRunner:
     def collect(self, expert: ExpertConfig, request: ChatRequest) -> tuple[ExpertConfig, list[ChatEvent], str | None]:
         """Run to completion (non-streaming); any failure re-runs the whole request on the fallback."""
         try:
-            return expert, list(self._watched(expert, self._backend(expert).stream_chat(request))), None
+            events = self._backend(expert).stream_chat(request_for_expert(expert, request))
+            return expert, list(self._watched(expert, events)), None
         except ExpertError as exc:
             cause = self._auto_correct(expert, exc)
         try:
-            events = list(self._watched(self._fallback, self._backend(self._fallback).stream_chat(request)))
-            return self._fallback, events, cause
+            fallback_events = self._backend(self._fallback).stream_chat(request_for_expert(self._fallback, request))
+            return self._fallback, list(self._watched(self._fallback, fallback_events)), cause
         except ExpertError as exc:
             log.error("fallback expert '%s' failed too: %s", self._fallback.label, exc)
             raise ServiceUnavailable("no expert is available to answer right now", retry_after=5) from exc
@@ -162,7 +164,7 @@ class ExpertRunner:
         return self._backends[expert.id]
 
     def _primed(self, expert: ExpertConfig, request: ChatRequest) -> Iterator[ChatEvent]:
-        events = self._watched(expert, self._backend(expert).stream_chat(request))
+        events = self._watched(expert, self._backend(expert).stream_chat(request_for_expert(expert, request)))
         first = next(events, None)
         if first is None:
             raise ExpertUnavailable("the expert ended its answer without any event")
@@ -198,6 +200,18 @@ class ExpertRunner:
         log.warning("[Auto-Correction] expert '%s' failed (%s); answering with fallback '%s'",
                     expert.label, cause, self._fallback.label)
         return cause
+
+
+def request_for_expert(expert: ExpertConfig, request: ChatRequest) -> ChatRequest:
+    """Apply the expert's defaults: its options under the request's own, its system prompt when
+    the conversation has none."""
+    if not expert.options and not expert.system_prompt:
+        return request
+    options = {**expert.options, **request.options}
+    messages = request.messages
+    if expert.system_prompt and not any(m.role == "system" for m in messages):
+        messages = [Message(role="system", content=expert.system_prompt), *messages]
+    return dataclasses.replace(request, options=options, messages=messages)
 
 
 def build_runner(config: AppConfig, pool: ModelPool) -> ExpertRunner:

@@ -44,7 +44,7 @@ def test_defaults_apply_to_an_empty_config(tmp_path: Path) -> None:
     cfg = write_project(tmp_path, {"experts": [FALLBACK]})
     config = load_config(cfg, tmp_path)
     assert config.router.scoring_weights.max_keyword == 0.40
-    assert config.server.rate_limit_per_minute == 60
+    assert config.rate_limit.per_minute == 60
     assert config.experts_path == (tmp_path / "config" / "experts.json").resolve()
 
 
@@ -67,6 +67,8 @@ def test_defaults_apply_to_an_empty_config(tmp_path: Path) -> None:
         ({"experts": [{"id": 0, "label": "f", "type": "ollama"}]}, "needs field(s): url, model_name"),
         ({"experts": [{**FALLBACK, "api_key_env": "sk-123 secret"}]}, "experts[0].api_key_env"),
         ({"experts": [{**FALLBACK, "colour": "blue"}]}, "experts[0].colour"),
+        ({"experts": [{**FALLBACK, "options": {"temprature": 1}}]}, "unknown option(s) temprature"),
+        ({"experts": [{**FALLBACK, "options": {"num_predict": "many"}}]}, "option 'num_predict' has the wrong type"),
         ({"experts": "nope"}, "experts"),
         ([], "top level must be a JSON object"),
     ],
@@ -129,6 +131,9 @@ def test_every_config_field_is_documented_in_the_readme() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Configuration"): readme.index("## Routing")]
-    for model in (ServerConfig, RouterConfig, ScoringWeights, LocalModelsConfig, ExpertsFile, ExpertConfig):
+    from modules.config_manager import AuthConfig, CorsConfig, RateLimitConfig
+
+    for model in (ServerConfig, RouterConfig, ScoringWeights, LocalModelsConfig, ExpertsFile, ExpertConfig,
+                  RateLimitConfig, AuthConfig, CorsConfig):
         for name in model.model_fields:
             assert f"`{name}`" in section or f"`experts[].{name}`" in section, f"{model.__name__}.{name}"

@@ -147,3 +147,31 @@ def test_closing_the_run_closes_the_backend_stream() -> None:
     next(run.events)
     run.close()
     assert coder.closed_streams == 1
+
+
+def test_expert_defaults_apply_under_the_request() -> None:
+    from modules.expert_runner import request_for_expert
+
+    tuned = ExpertConfig(id=1, label="coder", type="ollama", url="http://127.0.0.1:1", model_name="m",
+                         system_prompt="You write code.", options={"temperature": 0.2, "num_predict": 100})
+    req = ChatRequest(model=None, messages=[Message(role="user", content="hi")], options={"num_predict": 5})
+    out = request_for_expert(tuned, req)
+    assert out.options == {"temperature": 0.2, "num_predict": 5}
+    assert [m.role for m in out.messages] == ["system", "user"] and out.messages[0].content == "You write code."
+    assert req.options == {"num_predict": 5} and len(req.messages) == 1  # the original is untouched
+    own_system = ChatRequest(model=None, messages=[Message(role="system", content="mine"), Message(role="user", content="x")])
+    assert request_for_expert(tuned, own_system).messages[0].content == "mine"
+
+
+def test_runner_sends_the_expert_defaults_to_the_backend() -> None:
+    seen: list[ChatRequest] = []
+
+    def record(request: ChatRequest) -> Iterator[ChatEvent]:
+        seen.append(request)
+        yield Done()
+
+    tuned = ExpertConfig(id=1, label="coder", type="ollama", url="http://127.0.0.1:1", model_name="m",
+                         options={"temperature": 0.2})
+    config = CONFIG.model_copy(update={"experts": (FALLBACK, tuned)})
+    ExpertRunner(config, {0: ScriptedBackend(answer("fb")), 1: ScriptedBackend(record)}).collect(tuned, REQUEST)
+    assert seen[0].options == {"temperature": 0.2}
