@@ -1,0 +1,406 @@
+"""Local GGUF experts: llama-cpp-python models borrowed from the model pool.
+
+One `Llama` object is loaded per model file and shared by every expert that names the file
+(the pool key is the resolved path). A `Llama` is not thread-safe, so the pool holds it in a
+`LoadedLlama` together with a lock, and one answer at a time is generated per model; other
+requests for the same model wait their turn, as Ollama does with one parallel slot.
+
+Every llama-cpp, OS or Jinja exception is translated to an `ExpertError` in `map_llama_errors`:
+`ExpertUnavailable` when the model cannot be loaded, `ExpertStreamBroken` when generation fails.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Generator, Iterator, Mapping
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter, LlamaChatCompletionHandlerNotFoundException
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ToolCall, ToolCallDelta, Usage
+from modules.config_manager import ExpertConfig, LocalModelsConfig
+from modules.errors import ExpertError, ExpertStreamBroken, ExpertUnavailable, InvalidRequest
+from modules.model_pool import ModelPool
+
+# What llama-cpp-python (and the Jinja chat templates it renders) raise on bad files, bad
+# prompts or failed decodes. Anything else is a bug of ours and should surface as one.
+LLAMA_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    OSError,
+    RuntimeError,
+    LookupError,
+    MemoryError,
+    jinja2.TemplateError,
+    LlamaChatCompletionHandlerNotFoundException,
+)
+
+# llama-cpp silences the C library during a load by pointing the process-wide fds 1 and 2 at
+# /dev/null and back. Two loads doing that at once can leave stderr pointed at /dev/null for
+# good, so loads are serialised across the whole process.
+_LOAD_LOCK = threading.Lock()
+
+# Ollama option name -> type llama-cpp wants. num_predict and stop are handled separately.
+_SAMPLING_OPTIONS: dict[str, type] = {
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "min_p": float,
+    "typical_p": float,
+    "seed": int,
+    "repeat_penalty": float,
+    "presence_penalty": float,
+    "frequency_penalty": float,
+}
+
+
+@dataclass(eq=False)
+class LoadedLlama:
+    """What the pool keeps for one GGUF file: the model, its lock and its prompt template."""
+
+    llm: llama_cpp.Llama
+    size_bytes: int
+    # Renders the chat template the same way llama-cpp does, to count prompt tokens.
+    formatter: Jinja2ChatFormatter | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+@contextmanager
+def map_llama_errors(failure: type[ExpertError], what: str) -> Iterator[None]:
+    """Re-raise a library exception as `failure`; the message is for the log only."""
+    try:
+        yield
+    except LLAMA_ERRORS as exc:
+        raise failure(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_llama(model_path: Path, local: LocalModelsConfig) -> LoadedLlama:
+    """Load a GGUF file (raises the library's own exceptions; callers map them)."""
+    with _LOAD_LOCK:
+        llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=local.n_ctx,
+            n_threads=local.n_threads or None,
+            verbose=False,
+        )
+    return LoadedLlama(llm=llm, size_bytes=model_path.stat().st_size, formatter=_formatter_for(llm))
+
+
+def _formatter_for(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+
+    def token_text(token: int) -> str:
+        return llm.detokenize([token], special=True).decode("utf-8", errors="ignore") if token >= 0 else ""
+
+    return Jinja2ChatFormatter(
+        template=template, eos_token=token_text(llm.token_eos()), bos_token=token_text(llm.token_bos())
+    )
+
+
+class GGUFBackend:
+    """A `Backend` that answers with a local GGUF model through llama-cpp-python."""
+
+    def __init__(self, expert: ExpertConfig, model_path: Path, pool: ModelPool, local: LocalModelsConfig) -> None:
+        self.expert = expert
+        self.model_path = model_path.resolve()
+        self.pool_key = str(self.model_path)
+        self._pool = pool
+        self._local = local
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
+        started = time.perf_counter_ns()
+        # Refuse bad options before loading anything for them.
+        kwargs = llama_kwargs_from_options(request.options, self._local.n_ctx)
+        response_format_from_format(request.format)
+        with ExitStack() as stack:
+            with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
+                # The lease is held until the stream ends, so the pool never unloads the model
+                # under a running answer; closing this generator releases it.
+                model = stack.enter_context(self._pool.lease(self.pool_key, self._load, request.keep_alive))
+            load_ns = time.perf_counter_ns() - started
+            stack.enter_context(model.lock)
+            yield from _generate(model, request, kwargs, started, load_ns)
+
+    def preload(self, keep_alive: float | None = None) -> None:
+        """Load the model without generating (Ollama's empty-prompt "load" request)."""
+        with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
+            with self._pool.lease(self.pool_key, self._load, keep_alive):
+                pass
+
+    def close(self) -> None:
+        # The pool owns the models, and other experts may share this one.
+        pass
+
+    def _load(self) -> LoadedLlama:
+        return load_llama(self.model_path, self._local)
+
+
+def _generate(
+    model: LoadedLlama, request: ChatRequest, kwargs: dict[str, Any], started: int, load_ns: int
+) -> Iterator[ChatEvent]:
+    """Stream one answer from a model whose lock the caller holds."""
+    llm = model.llm
+    with map_llama_errors(ExpertStreamBroken, "starting generation"):
+        raw_prompt = raw_prompt_tokens(llm, request.prompt or "", request.suffix) if _is_raw(request) else None
+        prompt_tokens = len(raw_prompt) if raw_prompt is not None else _count_chat_prompt_tokens(model, request)
+        eval_started = time.perf_counter_ns()
+        chunks = _start_stream(llm, request, kwargs, raw_prompt)
+    first_chunk_at: int | None = None
+    finish_reason: str | None = None
+    text_parts: list[str] = []
+    tool_calls = _ToolCallAssembler()
+    with closing(chunks):
+        while True:
+            with map_llama_errors(ExpertStreamBroken, "generating"):
+                chunk = next(chunks, None)
+            if chunk is None:
+                break
+            first_chunk_at = first_chunk_at or time.perf_counter_ns()
+            text, fragments, finish = parts_from_chunk(chunk)
+            finish_reason = finish or finish_reason
+            tool_calls.add(fragments)
+            if text:
+                text_parts.append(text)
+                yield TextDelta(text)
+    calls = tool_calls.calls()
+    for call in calls:
+        yield ToolCallDelta(call)
+    done_at = time.perf_counter_ns()
+    first_chunk_at = first_chunk_at or done_at
+    output = "".join(text_parts) + "".join(json.dumps(c.arguments) for c in calls)
+    with map_llama_errors(ExpertStreamBroken, "counting tokens"):
+        # Without a template in the file the prompt count is an estimate; don't build on it.
+        exact_prompt = raw_prompt is not None or model.formatter is not None
+        completion_tokens = _count_sampled_tokens(llm, prompt_tokens if exact_prompt else None, output)
+    yield Done(
+        done_reason="length" if finish_reason == "length" else "stop",
+        usage=Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_duration_ns=done_at - started,
+            load_duration_ns=load_ns,
+            prompt_eval_duration_ns=first_chunk_at - eval_started,
+            eval_duration_ns=done_at - first_chunk_at,
+        ),
+    )
+
+
+def _count_sampled_tokens(llm: llama_cpp.Llama, prompt_tokens: int | None, output: str) -> int:
+    """How many tokens the model sampled for this answer (the final end-of-turn one included).
+
+    Tokenizing the output text again can miss the real count by several tokens (multi-byte
+    characters, merges). llama-cpp instead ends every generation with exactly one sampled token
+    not yet fed back into the context, so the context length tells the true count.
+    """
+    sampled = int(llm.n_tokens) - prompt_tokens + 1 if prompt_tokens is not None else 0
+    if sampled > 0:
+        return sampled
+    # Without an exact prompt count (or should llama-cpp change that bookkeeping), estimate.
+    return len(llm.tokenize(output.encode("utf-8"), add_bos=False, special=False)) if output else 0
+
+
+def _start_stream(
+    llm: llama_cpp.Llama, request: ChatRequest, kwargs: dict[str, Any], raw_prompt: list[int] | None
+) -> Generator[Mapping[str, Any], None, None]:
+    if raw_prompt is not None:
+        grammar = grammar_from_format(request.format)
+        return _as_stream(llm.create_completion(prompt=raw_prompt, stream=True, grammar=grammar, **kwargs))
+    return _as_stream(
+        llm.create_chat_completion(
+            messages=llama_messages_from_request(request),  # type: ignore[arg-type]
+            tools=request.tools or None,  # type: ignore[arg-type]
+            response_format=response_format_from_format(request.format),  # type: ignore[arg-type]
+            stream=True,
+            **kwargs,
+        )
+    )
+
+
+def _as_stream(result: object) -> Generator[Mapping[str, Any], None, None]:
+    # With stream=True llama-cpp returns a generator; closing it is how generation stops early.
+    if not isinstance(result, Generator):
+        raise RuntimeError(f"llama-cpp returned {type(result).__name__} instead of a stream")
+    return result
+
+
+def _is_raw(request: ChatRequest) -> bool:
+    # Raw prompts and fill-in-the-middle skip the chat template, as Ollama does.
+    return request.kind == "completion" and (request.raw or bool(request.suffix))
+
+
+def raw_prompt_tokens(llm: llama_cpp.Llama, prompt: str, suffix: str | None) -> list[int]:
+    """The exact tokens of an untemplated completion: BOS if the model wants one, then the
+    fill-in-the-middle layout when there is a suffix and the model has FIM tokens.
+
+    Tokenizing here (rather than passing text and llama-cpp's `suffix=`) gives an exact prompt
+    count and avoids llama-cpp 0.3's placeholder FIM token ids. A model without FIM tokens
+    completes the prefix alone.
+    """
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    bos = [llm.token_bos()] if llm.token_bos() >= 0 and llama_cpp.llama_vocab_get_add_bos(vocab) else []
+    fim = (
+        llama_cpp.llama_vocab_fim_pre(vocab),
+        llama_cpp.llama_vocab_fim_suf(vocab),
+        llama_cpp.llama_vocab_fim_mid(vocab),
+    )
+    if suffix and min(fim) >= 0:
+        pre, suf, mid = fim
+        return [*bos, pre, *_tokens(llm, prompt, special=False), suf, *_tokens(llm, suffix, special=False), mid]
+    tokens = [*bos, *_tokens(llm, prompt, special=True)]
+    if not tokens:
+        raise ValueError("empty prompt")
+    return tokens
+
+
+def _tokens(llm: llama_cpp.Llama, text: str, special: bool) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=special) if text else []
+
+
+def _count_chat_prompt_tokens(model: LoadedLlama, request: ChatRequest) -> int:
+    llm = model.llm
+    messages = llama_messages_from_request(request)
+    if model.formatter is None:
+        # No template in the file: llama-cpp falls back to a built-in format; count the text.
+        text = "\n".join(str(m.get("content") or "") for m in messages)
+        return len(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    prompt = model.formatter(messages=messages, tools=request.tools or None).prompt  # type: ignore[arg-type]
+    # The template writes its own BOS token, exactly as llama-cpp tokenizes it.
+    return len(llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+
+def llama_messages_from_request(request: ChatRequest) -> list[dict[str, Any]]:
+    """The request as llama-cpp (OpenAI-shaped) chat messages; a completion becomes a user turn."""
+    if request.kind == "completion":
+        return [{"role": "user", "content": request.prompt or ""}]
+    return [llama_message_from_message(m) for m in request.messages]
+
+
+def llama_message_from_message(message: Message) -> dict[str, Any]:
+    # Templates index message['content'] directly, so it is always a string.
+    out: dict[str, Any] = {"role": message.role, "content": message.content or ""}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": call.id or f"call_{i}",
+                "type": "function",
+                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+            }
+            for i, call in enumerate(message.tool_calls)
+        ]
+    if message.role == "tool":
+        out["tool_call_id"] = message.tool_call_id or ""
+        if message.tool_name:
+            out["name"] = message.tool_name
+    return out
+
+
+def llama_kwargs_from_options(options: Mapping[str, Any], n_ctx: int) -> dict[str, Any]:
+    """Sampling arguments for llama-cpp from Ollama-named options (unknown ones are ignored).
+
+    Raises `InvalidRequest` for a value of the wrong type, as Ollama answers 400.
+    """
+    kwargs: dict[str, Any] = {}
+    for name, kind in _SAMPLING_OPTIONS.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequest(f"option '{name}' must be a number")
+        kwargs[name] = kind(value)
+    kwargs["max_tokens"] = max_tokens_from_num_predict(options.get("num_predict"), n_ctx)
+    stop = options.get("stop")
+    if stop:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InvalidRequest("option 'stop' must be a string or a list of strings")
+        kwargs["stop"] = [s for s in stops if s]
+    return kwargs
+
+
+def max_tokens_from_num_predict(num_predict: Any, n_ctx: int) -> int:
+    """Ollama's num_predict (None/-1 no limit, -2 fill the context) as a bounded max_tokens."""
+    if num_predict is None:
+        return n_ctx
+    if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)):
+        raise InvalidRequest("option 'num_predict' must be a number")
+    if num_predict <= 0:
+        # llama-cpp trims this further to what fits after the prompt.
+        return n_ctx
+    return min(int(num_predict), n_ctx)
+
+
+def response_format_from_format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_object", "schema": fmt}
+    raise InvalidRequest('format must be "json" or a JSON schema object')
+
+
+def grammar_from_format(fmt: str | dict[str, Any] | None) -> LlamaGrammar | None:
+    """The same constraint as `response_format_from_format`, for raw completions."""
+    response_format = response_format_from_format(fmt)
+    if response_format is None:
+        return None
+    if "schema" in response_format:
+        return LlamaGrammar.from_json_schema(json.dumps(response_format["schema"]), verbose=False)
+    return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+
+
+def parts_from_chunk(chunk: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
+    """(text, tool call fragments, finish reason) of a chat or text completion stream chunk."""
+    choices = chunk.get("choices") or [{}]
+    choice = choices[0]
+    finish = choice.get("finish_reason")
+    if "delta" not in choice:
+        return choice.get("text") or "", [], finish
+    delta = choice.get("delta") or {}
+    return delta.get("content") or "", list(delta.get("tool_calls") or []), finish
+
+
+class _ToolCallAssembler:
+    """Joins streamed OpenAI-style tool call fragments into whole calls, by index."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, fragments: list[dict[str, Any]]) -> None:
+        for position, fragment in enumerate(fragments):
+            index = fragment.get("index", position)
+            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
+            function = fragment.get("function") or {}
+            call["id"] = call["id"] or fragment.get("id") or ""
+            # Some llama-cpp handlers repeat the name in every fragment; keep the first.
+            call["name"] = call["name"] or function.get("name") or ""
+            call["arguments"] += function.get("arguments") or ""
+
+    def calls(self) -> list[ToolCall]:
+        return [tool_call_from_parts(i, c) for i, c in sorted(self._calls.items())]
+
+
+def tool_call_from_parts(index: int, parts: Mapping[str, str]) -> ToolCall:
+    try:
+        arguments = json.loads(parts["arguments"]) if parts["arguments"].strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ExpertStreamBroken(f"tool call {parts['name']!r} has invalid JSON arguments") from exc
+    if not parts["name"] or not isinstance(arguments, dict):
+        raise ExpertStreamBroken("tool call without a name or with non-object arguments")
+    return ToolCall(name=parts["name"], arguments=arguments, id=parts["id"] or None, index=index)
