@@ -1,0 +1,364 @@
+"""The hybrid embedding router: four similarity signals, a confidence, a cascade, then keywords.
+
+Per expert, at start-up: one vector per keyword, their L2-normalised mean (centroid) and a
+description vector. Per query, one vectorised pass computes the reference's four signals for
+every expert (`max_keyword`, `description`, `mean_keyword`, `top3_vote`) and weighs them with
+`scoring_weights` into a raw hybrid score.
+
+How the raw scores become a confidence is where this router differs from the reference
+(`scoring: "reference"` keeps the reference's softmax for comparison):
+
+- `scoring: "standardized"` (default). Raw cosine scores live on an encoder-specific scale (USE,
+  MiniLM and e5 put unrelated texts at different cosines), and a plain softmax over N experts is
+  flat for large N. So the raw scores are first standardised against the scores the experts give
+  a fixed set of generic, off-topic sentences (`BACKGROUND_TEXTS`): a score of 3 means "three
+  standard deviations above what an unrelated question gets", whatever the encoder. A constant
+  competitor, "none of these experts", enters the softmax at `oos_score`; it takes the
+  probability mass when no expert stands out, which is what sends off-topic and injection text to
+  the fallback expert, and since unrelated experts sit near 0 they add little mass, so the top
+  probability barely depends on how many experts there are.
+- A calibration file (`calibration_file`, written by `calibrate` in route_eval.py) replaces that
+  step with a read-out learned on labelled rows: a linear layer over the query's similarity to
+  every keyword and description of the configuration, with a "none" class. It is tied to the
+  experts and the encoder it was fitted on and is ignored (with a warning) when they change.
+
+The chain is the reference's: the last user message ("embedding"), then the last
+`context_messages` messages joined ("cascade"), then the keyword + fuzzy stage of
+generic_router ("keyword"), then the fallback expert (id 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from modules.chat_types import RouteDecision, RouteMethod
+from modules.config_manager import ExpertConfig, RouterConfig
+from modules.encoders import Encoder, cached_vectors
+from modules.generic_router import FALLBACK_EXPERT_ID, KeywordRouter, join_recent_user_texts
+
+logger = logging.getLogger("lemoe.router")
+
+SIGNALS = ("max_keyword", "description", "mean_keyword", "top3_vote")
+# The reference counts a top-3 keyword as a vote when its cosine exceeds this.
+TOP3_VOTE_COSINE = 0.40
+# Generic questions no specialist of a typical gateway covers, in the two languages the
+# product is used in. Their scores are the "unrelated question" baseline the standardised
+# scores are measured against. Chit-chat and assistant-related questions are left out on
+# purpose: those are domains people do configure experts for.
+BACKGROUND_TEXTS = (
+    "What is the capital of Australia?", "Who painted the Mona Lisa?", "Explain how photosynthesis works.",
+    "Why is the sky blue?", "Tell me about the history of the Roman Empire.", "Who won the football world cup in 2010?",
+    "What are black holes made of?", "Recommend a good science fiction novel.", "How tall is Mount Everest?",
+    "What is the meaning of life?", "Summarize the plot of Hamlet.", "How do vaccines train the immune system?",
+    "What caused the First World War?", "Which planet has the most moons?", "Describe the life cycle of a butterfly.",
+    "What is the difference between a virus and a bacterium?", "Who was Napoleon Bonaparte?",
+    "How do airplanes stay in the air?", "What are the rules of chess?", "Give me some tips for growing tomatoes.",
+    "What is quantum entanglement?", "How many bones are in the human body?", "What language is spoken in Brazil?",
+    "Explain the theory of evolution.", "What is the best way to learn to play the guitar?",
+    "Who invented the telephone?", "Why do cats purr?", "What is the tallest building in the world?",
+    "How does the stock market work?", "What is democracy?",
+    "¿Cuál es la capital de Australia?", "¿Quién pintó la Mona Lisa?", "Explícame cómo funciona la fotosíntesis.",
+    "¿Por qué el cielo es azul?", "Háblame de la historia del Imperio romano.", "¿Quién ganó el mundial de fútbol de 2010?",
+    "¿Qué es un agujero negro?", "Recomiéndame una buena novela de ciencia ficción.", "¿Cuánto mide el monte Everest?",
+    "¿Cuál es el sentido de la vida?", "Resume el argumento de Hamlet.", "¿Cómo funcionan las vacunas?",
+    "¿Qué causó la Primera Guerra Mundial?", "¿Qué planeta tiene más lunas?", "Describe el ciclo de vida de una mariposa.",
+    "¿Quién fue Napoleón Bonaparte?", "¿Cómo vuelan los aviones?", "¿Cuáles son las reglas del ajedrez?",
+    "Dame consejos para cultivar tomates.", "¿Qué es la democracia?",
+)
+# Cosines are multiplied by this before the calibrated read-out so that its weights stay O(1).
+READOUT_FEATURE_SCALE = 10.0
+CALIBRATION_FORMAT = 1
+
+Scoring = Literal["standardized", "reference"]
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """Router settings that the reference config does not have (documented in the README).
+
+    Read from RouterConfig when it has these fields, else these defaults apply.
+    """
+
+    # "standardized": z-scores against BACKGROUND_TEXTS plus a "none" competitor;
+    # "reference": the reference's softmax over raw hybrid scores.
+    scoring: Scoring = "standardized"
+    # Standardised score of the "none of these experts" competitor: a query whose best expert
+    # does not clearly beat it goes down the chain and, failing that, to the fallback expert.
+    oos_score: float = 2.0
+    # Softmax temperature over standardised scores (softmax_temperature keeps its reference
+    # meaning, raw-score units, for scoring "reference").
+    standardized_temperature: float = 0.5
+    # JSON file (inside the project) with a read-out learned by `calibrate`; "" = none.
+    calibration_file: str = ""
+
+
+def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
+    """The new settings from `config`, defaulting each one RouterConfig does not define yet."""
+    defaults = EmbeddingSettings()
+    return EmbeddingSettings(
+        scoring=getattr(config, "scoring", defaults.scoring),
+        oos_score=float(getattr(config, "oos_score", defaults.oos_score)),
+        standardized_temperature=float(getattr(config, "standardized_temperature", defaults.standardized_temperature)),
+        calibration_file=str(getattr(config, "calibration_file", defaults.calibration_file)),
+    )
+
+
+@dataclass(frozen=True)
+class ExpertAnchors:
+    """Every non-fallback expert's vectors, laid out for one matrix product per query."""
+
+    labels: tuple[str, ...]
+    # All keyword vectors, expert after expert (nk x d), and which expert owns each row.
+    keyword_vectors: np.ndarray
+    keyword_owner: np.ndarray
+    # (E x max_keywords) row indices into keyword_vectors, padded with -1.
+    keyword_slots: np.ndarray
+    centroids: np.ndarray
+    description_vectors: np.ndarray
+    # Identifies the texts and encoder the vectors came from (a calibration must match it).
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Readout:
+    """A linear layer learned by `calibrate`: anchor similarities -> E expert logits + "none"."""
+
+    weights: np.ndarray  # (nk + E) x (E + 1)
+    bias: np.ndarray  # (E + 1,)
+    fingerprint: str
+
+
+def routed_experts(experts: Sequence[ExpertConfig]) -> list[ExpertConfig]:
+    """The experts that can win a route: all but the fallback, with something to match on."""
+    return [e for e in experts if e.id != FALLBACK_EXPERT_ID and (e.keywords or e.description.strip())]
+
+
+def build_anchors(experts: Sequence[ExpertConfig], encoder: Encoder, cache_dir: Path | None) -> ExpertAnchors:
+    """Encode every keyword and description once (or read them from the cache)."""
+    ranked = routed_experts(experts)
+    if not ranked:
+        raise ValueError("no expert besides the fallback has keywords or a description")
+    keywords = [kw for e in ranked for kw in (e.keywords or [e.description])]
+    owner = np.array([i for i, e in enumerate(ranked) for _ in (e.keywords or [e.description])], dtype=np.int64)
+    # An expert without a description is described by its keywords.
+    descriptions = [e.description.strip() or ", ".join(e.keywords) for e in ranked]
+    vectors = cached_vectors(encoder, keywords + descriptions, cache_dir)
+    keyword_vectors, description_vectors = vectors[: len(keywords)], vectors[len(keywords) :]
+    counts = np.bincount(owner, minlength=len(ranked))
+    slots = np.full((len(ranked), int(counts.max())), -1, dtype=np.int64)
+    for i in range(len(ranked)):
+        rows = np.flatnonzero(owner == i)
+        slots[i, : len(rows)] = rows
+    centroids = np.stack([keyword_vectors[owner == i].mean(axis=0) for i in range(len(ranked))])
+    centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    digest = hashlib.sha256(json.dumps([encoder.name, [e.label for e in ranked], keywords, descriptions]).encode())
+    return ExpertAnchors(
+        labels=tuple(e.label for e in ranked),
+        keyword_vectors=keyword_vectors,
+        keyword_owner=owner,
+        keyword_slots=slots,
+        centroids=centroids.astype(np.float32),
+        description_vectors=description_vectors,
+        fingerprint=digest.hexdigest()[:32],
+    )
+
+
+def hybrid_signals(anchors: ExpertAnchors, query_vectors: np.ndarray) -> dict[str, np.ndarray]:
+    """The four reference signals for every query (rows) and expert (columns)."""
+    sims = query_vectors @ anchors.keyword_vectors.T  # n x nk
+    valid = anchors.keyword_slots >= 0  # E x K
+    per_slot = sims[:, np.where(valid, anchors.keyword_slots, 0)]  # n x E x K
+    counts = valid.sum(axis=1)
+    max_keyword = np.where(valid, per_slot, -np.inf).max(axis=2)
+    mean_keyword = np.where(valid, per_slot, 0.0).sum(axis=2) / counts
+    # Padding sorts first (-inf), so the last three are the real top three when there are
+    # three; with fewer keywords the vote is the share of those that pass.
+    top3 = np.sort(np.where(valid, per_slot, -np.inf), axis=2)[:, :, -3:]
+    votes = (top3 > TOP3_VOTE_COSINE).sum(axis=2) / np.minimum(counts, 3)
+    return {
+        "max_keyword": max_keyword,
+        "description": query_vectors @ anchors.description_vectors.T,
+        "mean_keyword": mean_keyword,
+        "top3_vote": votes.astype(np.float32),
+    }
+
+
+def hybrid_scores(signals: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+    """The weighted sum of the signals (n x E)."""
+    return sum((float(weights[name]) * signals[name] for name in SIGNALS), np.zeros_like(signals["description"]))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def reference_probabilities(raw: np.ndarray, temperature: float) -> np.ndarray:
+    """The reference's confidence: softmax(raw / T) over the experts, with a zero "none" column."""
+    probs = softmax(raw / temperature)
+    return np.concatenate([probs, np.zeros((raw.shape[0], 1))], axis=1)
+
+
+def standardized_probabilities(raw: np.ndarray, background: tuple[float, float], oos_score: float, temperature: float) -> np.ndarray:
+    """Softmax over standardised scores plus the "none" competitor (last column)."""
+    mean, std = background
+    z = (raw - mean) / std
+    logits = np.concatenate([z, np.full((raw.shape[0], 1), oos_score)], axis=1) / temperature
+    return softmax(logits)
+
+
+def background_stats(raw_background: np.ndarray) -> tuple[float, float]:
+    """Mean and spread of the scores unrelated text gets, pooled over all experts."""
+    return float(raw_background.mean()), max(float(raw_background.std()), 1e-6)
+
+
+def readout_features(anchors: ExpertAnchors, query_vectors: np.ndarray) -> np.ndarray:
+    """What the calibrated read-out looks at: similarity to every keyword and description."""
+    sims = np.concatenate([query_vectors @ anchors.keyword_vectors.T, query_vectors @ anchors.description_vectors.T], axis=1)
+    return sims * READOUT_FEATURE_SCALE
+
+
+def readout_probabilities(readout: Readout, features: np.ndarray) -> np.ndarray:
+    """Expert probabilities plus "none" (last column) from a calibrated read-out."""
+    return softmax(features @ readout.weights + readout.bias)
+
+
+def readout_to_json(readout: Readout, labels: Sequence[str]) -> dict[str, Any]:
+    return {
+        "format": CALIBRATION_FORMAT,
+        "fingerprint": readout.fingerprint,
+        "labels": list(labels),
+        "weights": np.round(readout.weights, 6).tolist(),
+        "bias": np.round(readout.bias, 6).tolist(),
+    }
+
+
+def readout_from_json(data: Mapping[str, Any], anchors: ExpertAnchors) -> Readout | None:
+    """The read-out in `data` if it was fitted on these very anchors, else None."""
+    if data.get("format") != CALIBRATION_FORMAT or data.get("fingerprint") != anchors.fingerprint:
+        return None
+    weights = np.asarray(data["weights"], dtype=np.float64)
+    bias = np.asarray(data["bias"], dtype=np.float64)
+    expected = (len(anchors.keyword_owner) + len(anchors.labels), len(anchors.labels) + 1)
+    if weights.shape != expected or bias.shape != (expected[1],):
+        return None
+    return Readout(weights, bias, anchors.fingerprint)
+
+
+def load_readout(path: Path, anchors: ExpertAnchors) -> Readout | None:
+    """Read a calibration file; a stale or unreadable one is ignored with a warning."""
+    try:
+        readout = readout_from_json(json.loads(path.read_text(encoding="utf-8")), anchors)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("calibration file %s ignored: cannot read it (%s)", path, type(exc).__name__)
+        return None
+    if readout is None:
+        logger.warning("calibration file %s ignored: it was fitted on other experts or another encoder; re-run calibrate", path)
+    return readout
+
+
+@dataclass
+class _Step:
+    probs: np.ndarray  # (E + 1,), last = "none"
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+class EmbeddingRouter:
+    """The reference chain with standardised (or calibrated) confidence.
+
+    `route` costs one encoder call for the last message, and one more only when the cascade
+    runs. Decisions carry every expert's probability (the fallback's is the "none" share).
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[ExpertConfig],
+        config: RouterConfig,
+        encoder: Encoder,
+        cache_dir: Path | None = None,
+        settings: EmbeddingSettings | None = None,
+        project_dir: Path | None = None,
+    ) -> None:
+        fallback = next((e for e in experts if e.id == FALLBACK_EXPERT_ID), None)
+        if fallback is None:
+            raise ValueError("the fallback expert (id 0) is missing")
+        self._fallback = fallback
+        self._ids = {e.label: e.id for e in experts}
+        self._config = config
+        self._settings = settings or settings_from_router_config(config)
+        self._encoder = encoder
+        self.anchors = build_anchors(experts, encoder, cache_dir)
+        self._weights = config.scoring_weights.model_dump()
+        background = cached_vectors(encoder, list(BACKGROUND_TEXTS), cache_dir, kind="query")
+        self._background = background_stats(hybrid_scores(hybrid_signals(self.anchors, background), self._weights))
+        self._keywords = KeywordRouter(experts, config)
+        self.readout: Readout | None = None
+        if self._settings.calibration_file:
+            path = Path(self._settings.calibration_file)
+            if not path.is_absolute():
+                path = (project_dir or Path.cwd()) / path
+            self.readout = load_readout(path, self.anchors)
+
+    @property
+    def settings(self) -> EmbeddingSettings:
+        return self._settings
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encoder.encode_queries(list(texts))
+
+    def probabilities(self, query_vectors: np.ndarray) -> np.ndarray:
+        """Expert probabilities plus "none" (last column) for a batch of query vectors."""
+        if self.readout is not None:
+            return readout_probabilities(self.readout, readout_features(self.anchors, query_vectors))
+        raw = hybrid_scores(hybrid_signals(self.anchors, query_vectors), self._weights)
+        if self._settings.scoring == "reference":
+            return reference_probabilities(raw, self._config.softmax_temperature)
+        return standardized_probabilities(raw, self._background, self._settings.oos_score, self._settings.standardized_temperature)
+
+    def route(self, user_texts: Sequence[str]) -> RouteDecision:
+        """Choose an expert for the conversation whose user turns are `user_texts`."""
+        last = user_texts[-1] if user_texts else ""
+        if not last.strip():
+            return self._keywords.route(user_texts)
+        step = self._score(last)
+        decision = self._accept(step, "embedding", None)
+        if decision is not None:
+            return decision
+        context = join_recent_user_texts(user_texts, self._config.context_messages, self._config.context_max_chars)
+        if context.strip() and context != last.strip():
+            step = self._score(context)
+            decision = self._accept(step, "cascade", context)
+            if decision is not None:
+                return decision
+        else:
+            context = None
+        if self._config.keyword_fallback:
+            keyword_decision = self._keywords.route(user_texts)
+            if keyword_decision.expert_id != self._fallback.id:
+                return keyword_decision
+        return RouteDecision(self._fallback.id, self._fallback.label, step.scores[self._fallback.label], "fallback", step.scores, context)
+
+    def _score(self, text: str) -> _Step:
+        probs = self.probabilities(self._encoder.encode_queries([text]))[0]
+        scores = {label: float(p) for label, p in zip(self.anchors.labels, probs[:-1])}
+        # The fallback expert's score is the share of "none of these experts".
+        scores[self._fallback.label] = float(probs[-1])
+        return _Step(probs, scores)
+
+    def _accept(self, step: _Step, method: RouteMethod, context: str | None) -> RouteDecision | None:
+        best = int(np.argmax(step.probs[:-1]))
+        confidence = float(step.probs[best])
+        if confidence < self._config.confidence_threshold or confidence <= float(step.probs[-1]):
+            return None
+        label = self.anchors.labels[best]
+        return RouteDecision(self._ids[label], label, confidence, method, step.scores, context)

