@@ -42,7 +42,7 @@ import numpy as np
 from modules.chat_types import RouteDecision, RouteMethod
 from modules.config_manager import ExpertConfig, RouterConfig
 from modules.encoders import Encoder, cached_vectors
-from modules.generic_router import FALLBACK_EXPERT_ID, KeywordRouter, join_recent_user_texts
+from modules.generic_router import FALLBACK_EXPERT_ID, KeywordRouter, join_recent_user_texts, normalize_text
 
 logger = logging.getLogger("lemoe.router")
 
@@ -77,6 +77,29 @@ BACKGROUND_TEXTS = (
 READOUT_FEATURE_SCALE = 10.0
 CALIBRATION_FORMAT = 1
 
+# Words by which a message points back at the conversation ("make IT shorter", "your previous
+# answer", "¿y si ...?", "ahora en Python"). A message that the experts rule out joins the
+# cascade only with one of these: otherwise it is a new, unrelated question and goes to the
+# fallback expert instead of sticking to the earlier turns' expert. Normalised like keywords
+# (lower case, no accents).
+FOLLOW_UP_CUES = frozenset({
+    "previous", "above", "earlier", "your", "you said", "you wrote", "you just", "it", "that", "this", "them",
+    "those", "these", "again", "instead", "continue", "same", "now", "rewrite", "rephrase", "shorter", "longer",
+    "simpler", "more", "similar", "original", "example", "examples", "first", "second", "third", "what about",
+    "how about", "what if", "and if",
+    "anterior", "tu", "tus", "su", "sus", "dijiste", "escribiste", "lo", "la", "los", "las", "eso", "esto", "esta",
+    "este", "estos", "ese", "esa", "otra vez", "de nuevo", "en lugar", "en vez", "continua", "mismo", "misma",
+    "ahora", "reescribe", "reformula", "mas", "ejemplo", "ejemplos", "primer", "primera", "segundo", "segunda",
+    "tercer", "tercera", "y si", "y que",
+})
+
+
+def is_follow_up(text: str) -> bool:
+    """Whether `text` reads as a continuation of the conversation (see FOLLOW_UP_CUES)."""
+    words = normalize_text(text).split()
+    return any(w in FOLLOW_UP_CUES for w in words) or any(f"{a} {b}" in FOLLOW_UP_CUES for a, b in zip(words, words[1:]))
+
+
 Scoring = Literal["standardized", "reference"]
 
 
@@ -98,6 +121,10 @@ class EmbeddingSettings:
     standardized_temperature: float = 0.5
     # JSON file (inside the project) with a read-out learned by `calibrate`; "" = none.
     calibration_file: str = ""
+    # With a calibration: when the standardised scoring gives "none" at least this share, the
+    # query goes down the chain whatever the read-out says. The read-out only learned the kind
+    # of off-topic text its labelled rows had; long jailbreak prompts look like none of it.
+    calibrated_oos_gate: float = 0.7
 
 
 def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
@@ -108,6 +135,7 @@ def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
         oos_score=float(getattr(config, "oos_score", defaults.oos_score)),
         standardized_temperature=float(getattr(config, "standardized_temperature", defaults.standardized_temperature)),
         calibration_file=str(getattr(config, "calibration_file", defaults.calibration_file)),
+        calibrated_oos_gate=float(getattr(config, "calibrated_oos_gate", defaults.calibrated_oos_gate)),
     )
 
 
@@ -233,6 +261,16 @@ def readout_probabilities(readout: Readout, features: np.ndarray) -> np.ndarray:
     return softmax(features @ readout.weights + readout.bias)
 
 
+def gate_probabilities(readout_probs: np.ndarray, standardized_probs: np.ndarray, gate: float) -> np.ndarray:
+    """Read-out probabilities, except rows the standardised scoring rules out (none >= gate).
+
+    Those rows take the standardised probabilities, where "none" wins, so the explanation
+    shows the scores that decided.
+    """
+    ruled_out = standardized_probs[:, -1] >= gate
+    return np.where(ruled_out[:, None], standardized_probs, readout_probs)
+
+
 def readout_to_json(readout: Readout, labels: Sequence[str]) -> dict[str, Any]:
     return {
         "format": CALIBRATION_FORMAT,
@@ -316,14 +354,20 @@ class EmbeddingRouter:
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encoder.encode_queries(list(texts))
 
-    def probabilities(self, query_vectors: np.ndarray) -> np.ndarray:
-        """Expert probabilities plus "none" (last column) for a batch of query vectors."""
-        if self.readout is not None:
-            return readout_probabilities(self.readout, readout_features(self.anchors, query_vectors))
+    def standardized_probabilities(self, query_vectors: np.ndarray) -> np.ndarray:
+        """The configuration-only probabilities (reference or standardised), ignoring any read-out."""
         raw = hybrid_scores(hybrid_signals(self.anchors, query_vectors), self._weights)
         if self._settings.scoring == "reference":
             return reference_probabilities(raw, self._config.softmax_temperature)
         return standardized_probabilities(raw, self._background, self._settings.oos_score, self._settings.standardized_temperature)
+
+    def probabilities(self, query_vectors: np.ndarray) -> np.ndarray:
+        """Expert probabilities plus "none" (last column) for a batch of query vectors."""
+        base = self.standardized_probabilities(query_vectors)
+        if self.readout is None:
+            return base
+        learned = readout_probabilities(self.readout, readout_features(self.anchors, query_vectors))
+        return gate_probabilities(learned, base, self._settings.calibrated_oos_gate)
 
     def route(self, user_texts: Sequence[str]) -> RouteDecision:
         """Choose an expert for the conversation whose user turns are `user_texts`."""
@@ -332,21 +376,41 @@ class EmbeddingRouter:
             return self._keywords.route(user_texts)
         step = self._score(last)
         decision = self._accept(step, "embedding", None)
-        if decision is not None:
+        earlier = [t for t in user_texts[:-1] if t.strip()]
+        follow_up = bool(earlier) and is_follow_up(last)
+        if decision is not None and not follow_up:
             return decision
-        context = join_recent_user_texts(user_texts, self._config.context_messages, self._config.context_max_chars)
-        if context.strip() and context != last.strip():
-            step = self._score(context)
-            decision = self._accept(step, "cascade", context)
+        context = ""
+        if earlier:
+            # A follow-up ("make it shorter", "¿y en Python?") is about what came before: its
+            # cascade reads the earlier turns alone, which a short follow-up would only blur.
+            # Otherwise the cascade is the reference's: the last turns joined, newest kept.
+            if follow_up:
+                context = join_recent_user_texts(earlier, max(self._config.context_messages - 1, 1), self._config.context_max_chars)
+            else:
+                context = join_recent_user_texts(user_texts, self._config.context_messages, self._config.context_max_chars)
+            context_step = self._score(context)
+            cascade = self._accept(context_step, "cascade", context)
+            # Without a follow-up cue, a message the experts clearly rule out (most of the
+            # probability on "none") is a new, unrelated question that earlier turns must not
+            # pull to their expert.
+            rejected_alone = step.probs[-1] >= 0.5
+            if cascade is not None and (follow_up or not rejected_alone):
+                if decision is None or cascade.score >= decision.score:
+                    return cascade
             if decision is not None:
                 return decision
-        else:
-            context = None
-        if self._config.keyword_fallback:
+            if not rejected_alone:
+                step = context_step
+        # Keywords may only settle what the embedding left open between experts: when "none
+        # of these experts" won, a few fuzzy word matches (long jailbreak prompts hit many) are
+        # weaker evidence than the whole-text similarity that ruled the experts out.
+        none_won = step.probs[-1] >= step.probs[:-1].max()
+        if self._config.keyword_fallback and not none_won:
             keyword_decision = self._keywords.route(user_texts)
             if keyword_decision.expert_id != self._fallback.id:
                 return keyword_decision
-        return RouteDecision(self._fallback.id, self._fallback.label, step.scores[self._fallback.label], "fallback", step.scores, context)
+        return RouteDecision(self._fallback.id, self._fallback.label, step.scores[self._fallback.label], "fallback", step.scores, context or None)
 
     def _score(self, text: str) -> _Step:
         probs = self.probabilities(self._encoder.encode_queries([text]))[0]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from modules.chat_types import RouteDecision
-from modules.embedding_router import EmbeddingRouter, Readout, readout_features, readout_to_json, softmax
+from modules.embedding_router import EmbeddingRouter, Readout, gate_probabilities, readout_features, readout_to_json, softmax
 
 Row = Mapping[str, Any]
 RouteFn = Callable[[Sequence[str]], RouteDecision]
@@ -234,7 +234,12 @@ def calibrate(
     labels = list(anchors.labels)
     none = len(labels)
     targets = np.array([labels.index(r["label"]) if r["label"] in labels else none for r in rows])
-    features = readout_features(anchors, router.encode_queries([r["text"] for r in rows]))
+    queries = router.encode_queries([r["text"] for r in rows])
+    features = readout_features(anchors, queries)
+    # The router overrides the read-out where the configuration-only scoring rules a query
+    # out; the threshold must be chosen on the probabilities the router will really use.
+    base = router.standardized_probabilities(queries)
+    gate = router.settings.calibrated_oos_gate
     fold_of = np.random.default_rng(seed).permutation(len(rows)) % folds
     # Ranked by (reaches the recall target, out-of-fold accuracy).
     best: tuple[bool, float, float, float, float] | None = None  # (ok, accuracy, l2, threshold, recall)
@@ -244,6 +249,7 @@ def calibrate(
             train = fold_of != k
             weights, bias = fit_readout(features[train], targets[train], none + 1, l2)
             oof[~train] = softmax(features[~train] @ weights + bias)
+        oof = gate_probabilities(oof, base, gate)
         threshold, accuracy, recall = choose_threshold(oof, targets, target_fallback_recall)
         candidate = (recall >= target_fallback_recall, accuracy, l2, threshold, recall)
         if best is None or candidate[:2] > best[:2]:
