@@ -15,6 +15,9 @@ shrinks back to the limit as soon as leases end.
 The pool knows nothing about GGUF or ONNX: a model is any object. Unloading calls the pool's
 `unloader(model)` if one was given, else `model.close()` when the model has one, then drops
 the reference.
+
+With a `ModelStats` attached, every load and unload is counted there, and backends report each
+answered request through `record_request`; the counts persist across restarts.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from modules.logger import get_logger
+from modules.model_stats import ModelStats
 
 T = TypeVar("T")
 
@@ -83,6 +87,7 @@ class ModelPool:
         wall_clock: Callable[[], float] = time.time,
         unloader: Callable[[Any], None] | None = None,
         size_of: Callable[[Any], int | None] = _size_attribute,
+        stats: ModelStats | None = None,
     ) -> None:
         if max_loaded < 1:
             raise ValueError("max_loaded must be at least 1")
@@ -92,6 +97,7 @@ class ModelPool:
         self._wall_clock = wall_clock
         self._unloader = unloader
         self._size_of = size_of
+        self.stats = stats
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._closed = False
@@ -111,6 +117,15 @@ class ModelPool:
             yield entry.future.result()
         finally:
             self._release(entry, keep_alive)
+
+    def attach_stats(self, stats: ModelStats) -> None:
+        """Count loads, unloads and requests in `stats` from now on."""
+        self.stats = stats
+
+    def record_request(self, key: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one answered request on the model under `key` (a no-op without stats)."""
+        if self.stats is not None:
+            self.stats.record_request(key, prompt_tokens, completion_tokens)
 
     def loaded(self) -> list[LoadedModel]:
         """Models that are fully loaded, most recently used first."""
@@ -189,6 +204,7 @@ class ModelPool:
         return entry
 
     def _load(self, entry: _Entry, loader: Callable[[], Any]) -> None:
+        started = time.perf_counter()
         try:
             model = loader()
         except BaseException as exc:
@@ -204,7 +220,10 @@ class ModelPool:
             entry.loaded_at_wall = self._wall_clock()
             entry.last_used = self._clock()
         entry.future.set_result(model)
-        _log.info("loaded model %s", entry.key)
+        seconds = time.perf_counter() - started
+        _log.info("loaded model %s in %.2fs", entry.key, seconds)
+        if self.stats is not None:
+            self.stats.record_load(entry.key, seconds)
 
     def _measure(self, key: str, model: Any) -> int | None:
         try:
@@ -270,6 +289,8 @@ class ModelPool:
             except Exception:
                 _log.exception("unloading model %s failed", victim.key)
             _log.info("unloaded model %s", victim.key)
+            if self.stats is not None:
+                self.stats.record_unload(victim.key)
 
     def _reap(self, interval: float) -> None:
         while not self._reaper_stop.wait(interval):
