@@ -22,13 +22,36 @@ from typing import Any
 
 import jinja2
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter, LlamaChatCompletionHandlerNotFoundException
+from llama_cpp.llama_chat_format import (
+    Jinja2ChatFormatter,
+    LlamaChatCompletionHandlerNotFoundException,
+)
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ToolCall, ToolCallDelta, Usage
+from modules.chat_types import (
+    ChatEvent,
+    ChatRequest,
+    Done,
+    Message,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
 from modules.config_manager import ExpertConfig, LocalModelsConfig
-from modules.errors import ExpertError, ExpertStreamBroken, ExpertUnavailable, InvalidRequest
+from modules.errors import (
+    ExpertError,
+    ExpertStreamBroken,
+    ExpertUnavailable,
+    InvalidRequest,
+)
 from modules.model_pool import ModelPool
+from modules.openai_chunks import (
+    ToolCallAssembler,
+    parts_from_chunk,
+    tool_call_from_parts,
+)
+
+__all__ = ["GGUFBackend", "LoadedLlama", "load_llama", "parts_from_chunk", "tool_call_from_parts"]
 
 # What llama-cpp-python (and the Jinja chat templates it renders) raise on bad files, bad
 # prompts or failed decodes. Anything else is a bug of ours and should surface as one.
@@ -135,13 +158,20 @@ class GGUFBackend:
                 model = stack.enter_context(self._pool.lease(self.pool_key, self._load, request.keep_alive))
             load_ns = time.perf_counter_ns() - started
             stack.enter_context(model.lock)
-            yield from _generate(model, request, kwargs, started, load_ns)
+            for event in _generate(model, request, kwargs, started, load_ns):
+                if isinstance(event, Done):
+                    self._pool.record_request(self.pool_key, event.usage.prompt_tokens, event.usage.completion_tokens)
+                yield event
 
     def preload(self, keep_alive: float | None = None) -> None:
         """Load the model without generating (Ollama's empty-prompt "load" request)."""
         with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
             with self._pool.lease(self.pool_key, self._load, keep_alive):
                 pass
+
+    def unload(self) -> bool:
+        """Unload the model now, or when its running answers end (Ollama's keep_alive 0 probe)."""
+        return self._pool.unload(self.pool_key)
 
     def close(self) -> None:
         # The pool owns the models, and other experts may share this one.
@@ -164,7 +194,7 @@ def _generate(
     first_chunk_at: int | None = None
     finish_reason: str | None = None
     text_parts: list[str] = []
-    tool_calls = _ToolCallAssembler()
+    tool_calls = ToolCallAssembler()
     with closing(chunks):
         while True:
             with map_llama_errors(ExpertStreamBroken, "generating"):
@@ -363,44 +393,3 @@ def grammar_from_format(fmt: str | dict[str, Any] | None) -> LlamaGrammar | None
     if "schema" in response_format:
         return LlamaGrammar.from_json_schema(json.dumps(response_format["schema"]), verbose=False)
     return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-
-
-def parts_from_chunk(chunk: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
-    """(text, tool call fragments, finish reason) of a chat or text completion stream chunk."""
-    choices = chunk.get("choices") or [{}]
-    choice = choices[0]
-    finish = choice.get("finish_reason")
-    if "delta" not in choice:
-        return choice.get("text") or "", [], finish
-    delta = choice.get("delta") or {}
-    return delta.get("content") or "", list(delta.get("tool_calls") or []), finish
-
-
-class _ToolCallAssembler:
-    """Joins streamed OpenAI-style tool call fragments into whole calls, by index."""
-
-    def __init__(self) -> None:
-        self._calls: dict[int, dict[str, str]] = {}
-
-    def add(self, fragments: list[dict[str, Any]]) -> None:
-        for position, fragment in enumerate(fragments):
-            index = fragment.get("index", position)
-            call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
-            function = fragment.get("function") or {}
-            call["id"] = call["id"] or fragment.get("id") or ""
-            # Some llama-cpp handlers repeat the name in every fragment; keep the first.
-            call["name"] = call["name"] or function.get("name") or ""
-            call["arguments"] += function.get("arguments") or ""
-
-    def calls(self) -> list[ToolCall]:
-        return [tool_call_from_parts(i, c) for i, c in sorted(self._calls.items())]
-
-
-def tool_call_from_parts(index: int, parts: Mapping[str, str]) -> ToolCall:
-    try:
-        arguments = json.loads(parts["arguments"]) if parts["arguments"].strip() else {}
-    except json.JSONDecodeError as exc:
-        raise ExpertStreamBroken(f"tool call {parts['name']!r} has invalid JSON arguments") from exc
-    if not parts["name"] or not isinstance(arguments, dict):
-        raise ExpertStreamBroken("tool call without a name or with non-object arguments")
-    return ToolCall(name=parts["name"], arguments=arguments, id=parts["id"] or None, index=index)
