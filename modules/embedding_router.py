@@ -34,6 +34,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +43,12 @@ import numpy as np
 from modules.chat_types import RouteDecision, RouteMethod
 from modules.config_manager import ExpertConfig, RouterConfig
 from modules.encoders import Encoder, cached_vectors
-from modules.generic_router import FALLBACK_EXPERT_ID, KeywordRouter, join_recent_user_texts, normalize_text
+from modules.generic_router import (
+    FALLBACK_EXPERT_ID,
+    KeywordRouter,
+    join_recent_user_texts,
+    normalize_text,
+)
 
 logger = logging.getLogger("lemoe.router")
 
@@ -54,24 +60,56 @@ TOP3_VOTE_COSINE = 0.40
 # scores are measured against. Chit-chat and assistant-related questions are left out on
 # purpose: those are domains people do configure experts for.
 BACKGROUND_TEXTS = (
-    "What is the capital of Australia?", "Who painted the Mona Lisa?", "Explain how photosynthesis works.",
-    "Why is the sky blue?", "Tell me about the history of the Roman Empire.", "Who won the football world cup in 2010?",
-    "What are black holes made of?", "Recommend a good science fiction novel.", "How tall is Mount Everest?",
-    "What is the meaning of life?", "Summarize the plot of Hamlet.", "How do vaccines train the immune system?",
-    "What caused the First World War?", "Which planet has the most moons?", "Describe the life cycle of a butterfly.",
-    "What is the difference between a virus and a bacterium?", "Who was Napoleon Bonaparte?",
-    "How do airplanes stay in the air?", "What are the rules of chess?", "Give me some tips for growing tomatoes.",
-    "What is quantum entanglement?", "How many bones are in the human body?", "What language is spoken in Brazil?",
-    "Explain the theory of evolution.", "What is the best way to learn to play the guitar?",
-    "Who invented the telephone?", "Why do cats purr?", "What is the tallest building in the world?",
-    "How does the stock market work?", "What is democracy?",
-    "¿Cuál es la capital de Australia?", "¿Quién pintó la Mona Lisa?", "Explícame cómo funciona la fotosíntesis.",
-    "¿Por qué el cielo es azul?", "Háblame de la historia del Imperio romano.", "¿Quién ganó el mundial de fútbol de 2010?",
-    "¿Qué es un agujero negro?", "Recomiéndame una buena novela de ciencia ficción.", "¿Cuánto mide el monte Everest?",
-    "¿Cuál es el sentido de la vida?", "Resume el argumento de Hamlet.", "¿Cómo funcionan las vacunas?",
-    "¿Qué causó la Primera Guerra Mundial?", "¿Qué planeta tiene más lunas?", "Describe el ciclo de vida de una mariposa.",
-    "¿Quién fue Napoleón Bonaparte?", "¿Cómo vuelan los aviones?", "¿Cuáles son las reglas del ajedrez?",
-    "Dame consejos para cultivar tomates.", "¿Qué es la democracia?",
+    "What is the capital of Australia?",
+    "Who painted the Mona Lisa?",
+    "Explain how photosynthesis works.",
+    "Why is the sky blue?",
+    "Tell me about the history of the Roman Empire.",
+    "Who won the football world cup in 2010?",
+    "What are black holes made of?",
+    "Recommend a good science fiction novel.",
+    "How tall is Mount Everest?",
+    "What is the meaning of life?",
+    "Summarize the plot of Hamlet.",
+    "How do vaccines train the immune system?",
+    "What caused the First World War?",
+    "Which planet has the most moons?",
+    "Describe the life cycle of a butterfly.",
+    "What is the difference between a virus and a bacterium?",
+    "Who was Napoleon Bonaparte?",
+    "How do airplanes stay in the air?",
+    "What are the rules of chess?",
+    "Give me some tips for growing tomatoes.",
+    "What is quantum entanglement?",
+    "How many bones are in the human body?",
+    "What language is spoken in Brazil?",
+    "Explain the theory of evolution.",
+    "What is the best way to learn to play the guitar?",
+    "Who invented the telephone?",
+    "Why do cats purr?",
+    "What is the tallest building in the world?",
+    "How does the stock market work?",
+    "What is democracy?",
+    "¿Cuál es la capital de Australia?",
+    "¿Quién pintó la Mona Lisa?",
+    "Explícame cómo funciona la fotosíntesis.",
+    "¿Por qué el cielo es azul?",
+    "Háblame de la historia del Imperio romano.",
+    "¿Quién ganó el mundial de fútbol de 2010?",
+    "¿Qué es un agujero negro?",
+    "Recomiéndame una buena novela de ciencia ficción.",
+    "¿Cuánto mide el monte Everest?",
+    "¿Cuál es el sentido de la vida?",
+    "Resume el argumento de Hamlet.",
+    "¿Cómo funcionan las vacunas?",
+    "¿Qué causó la Primera Guerra Mundial?",
+    "¿Qué planeta tiene más lunas?",
+    "Describe el ciclo de vida de una mariposa.",
+    "¿Quién fue Napoleón Bonaparte?",
+    "¿Cómo vuelan los aviones?",
+    "¿Cuáles son las reglas del ajedrez?",
+    "Dame consejos para cultivar tomates.",
+    "¿Qué es la democracia?",
 )
 # Cosines are multiplied by this before the calibrated read-out so that its weights stay O(1).
 READOUT_FEATURE_SCALE = 10.0
@@ -82,22 +120,82 @@ CALIBRATION_FORMAT = 1
 # cascade only with one of these: otherwise it is a new, unrelated question and goes to the
 # fallback expert instead of sticking to the earlier turns' expert. Normalised like keywords
 # (lower case, no accents).
-FOLLOW_UP_CUES = frozenset({
-    "previous", "above", "earlier", "your", "you said", "you wrote", "you just", "it", "that", "this", "them",
-    "those", "these", "again", "instead", "continue", "same", "now", "rewrite", "rephrase", "shorter", "longer",
-    "simpler", "more", "similar", "original", "example", "examples", "first", "second", "third", "what about",
-    "how about", "what if", "and if",
-    "anterior", "tu", "tus", "su", "sus", "dijiste", "escribiste", "lo", "la", "los", "las", "eso", "esto", "esta",
-    "este", "estos", "ese", "esa", "otra vez", "de nuevo", "en lugar", "en vez", "continua", "mismo", "misma",
-    "ahora", "reescribe", "reformula", "mas", "ejemplo", "ejemplos", "primer", "primera", "segundo", "segunda",
-    "tercer", "tercera", "y si", "y que",
-})
+FOLLOW_UP_CUES = frozenset(
+    {
+        "previous",
+        "above",
+        "earlier",
+        "your",
+        "you said",
+        "you wrote",
+        "you just",
+        "it",
+        "that",
+        "this",
+        "them",
+        "those",
+        "these",
+        "again",
+        "instead",
+        "continue",
+        "same",
+        "now",
+        "rewrite",
+        "rephrase",
+        "shorter",
+        "longer",
+        "simpler",
+        "more",
+        "similar",
+        "example",
+        "examples",
+        "what about",
+        "how about",
+        "what if",
+        "and if",
+        "anterior",
+        "tu",
+        "tus",
+        "su",
+        "sus",
+        "dijiste",
+        "escribiste",
+        "lo",
+        "la",
+        "los",
+        "las",
+        "eso",
+        "esto",
+        "esta",
+        "este",
+        "estos",
+        "ese",
+        "esa",
+        "otra vez",
+        "de nuevo",
+        "en lugar",
+        "en vez",
+        "continua",
+        "mismo",
+        "misma",
+        "ahora",
+        "reescribe",
+        "reformula",
+        "mas",
+        "ejemplo",
+        "ejemplos",
+        "y si",
+        "y que",
+    }
+)
 
 
 def is_follow_up(text: str) -> bool:
     """Whether `text` reads as a continuation of the conversation (see FOLLOW_UP_CUES)."""
     words = normalize_text(text).split()
-    return any(w in FOLLOW_UP_CUES for w in words) or any(f"{a} {b}" in FOLLOW_UP_CUES for a, b in zip(words, words[1:]))
+    return any(w in FOLLOW_UP_CUES for w in words) or any(
+        f"{a} {b}" in FOLLOW_UP_CUES for a, b in pairwise(words)
+    )
 
 
 Scoring = Literal["standardized", "reference"]
@@ -133,9 +231,17 @@ def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
     return EmbeddingSettings(
         scoring=getattr(config, "scoring", defaults.scoring),
         oos_score=float(getattr(config, "oos_score", defaults.oos_score)),
-        standardized_temperature=float(getattr(config, "standardized_temperature", defaults.standardized_temperature)),
-        calibration_file=str(getattr(config, "calibration_file", defaults.calibration_file)),
-        calibrated_oos_gate=float(getattr(config, "calibrated_oos_gate", defaults.calibrated_oos_gate)),
+        standardized_temperature=float(
+            getattr(
+                config, "standardized_temperature", defaults.standardized_temperature
+            )
+        ),
+        calibration_file=str(
+            getattr(config, "calibration_file", defaults.calibration_file)
+        ),
+        calibrated_oos_gate=float(
+            getattr(config, "calibrated_oos_gate", defaults.calibrated_oos_gate)
+        ),
     )
 
 
@@ -166,28 +272,46 @@ class Readout:
 
 def routed_experts(experts: Sequence[ExpertConfig]) -> list[ExpertConfig]:
     """The experts that can win a route: all but the fallback, with something to match on."""
-    return [e for e in experts if e.id != FALLBACK_EXPERT_ID and (e.keywords or e.description.strip())]
+    return [
+        e
+        for e in experts
+        if e.id != FALLBACK_EXPERT_ID and (e.keywords or e.description.strip())
+    ]
 
 
-def build_anchors(experts: Sequence[ExpertConfig], encoder: Encoder, cache_dir: Path | None) -> ExpertAnchors:
+def build_anchors(
+    experts: Sequence[ExpertConfig], encoder: Encoder, cache_dir: Path | None
+) -> ExpertAnchors:
     """Encode every keyword and description once (or read them from the cache)."""
     ranked = routed_experts(experts)
     if not ranked:
         raise ValueError("no expert besides the fallback has keywords or a description")
     keywords = [kw for e in ranked for kw in (e.keywords or [e.description])]
-    owner = np.array([i for i, e in enumerate(ranked) for _ in (e.keywords or [e.description])], dtype=np.int64)
+    owner = np.array(
+        [i for i, e in enumerate(ranked) for _ in (e.keywords or [e.description])],
+        dtype=np.int64,
+    )
     # An expert without a description is described by its keywords.
     descriptions = [e.description.strip() or ", ".join(e.keywords) for e in ranked]
     vectors = cached_vectors(encoder, keywords + descriptions, cache_dir)
-    keyword_vectors, description_vectors = vectors[: len(keywords)], vectors[len(keywords) :]
+    keyword_vectors, description_vectors = (
+        vectors[: len(keywords)],
+        vectors[len(keywords) :],
+    )
     counts = np.bincount(owner, minlength=len(ranked))
     slots = np.full((len(ranked), int(counts.max())), -1, dtype=np.int64)
     for i in range(len(ranked)):
         rows = np.flatnonzero(owner == i)
         slots[i, : len(rows)] = rows
-    centroids = np.stack([keyword_vectors[owner == i].mean(axis=0) for i in range(len(ranked))])
+    centroids = np.stack(
+        [keyword_vectors[owner == i].mean(axis=0) for i in range(len(ranked))]
+    )
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    digest = hashlib.sha256(json.dumps([encoder.name, [e.label for e in ranked], keywords, descriptions]).encode())
+    digest = hashlib.sha256(
+        json.dumps(
+            [encoder.name, [e.label for e in ranked], keywords, descriptions]
+        ).encode()
+    )
     return ExpertAnchors(
         labels=tuple(e.label for e in ranked),
         keyword_vectors=keyword_vectors,
@@ -199,7 +323,9 @@ def build_anchors(experts: Sequence[ExpertConfig], encoder: Encoder, cache_dir: 
     )
 
 
-def hybrid_signals(anchors: ExpertAnchors, query_vectors: np.ndarray) -> dict[str, np.ndarray]:
+def hybrid_signals(
+    anchors: ExpertAnchors, query_vectors: np.ndarray
+) -> dict[str, np.ndarray]:
     """The four reference signals for every query (rows) and expert (columns)."""
     sims = query_vectors @ anchors.keyword_vectors.T  # n x nk
     valid = anchors.keyword_slots >= 0  # E x K
@@ -219,16 +345,22 @@ def hybrid_signals(anchors: ExpertAnchors, query_vectors: np.ndarray) -> dict[st
     }
 
 
-def hybrid_scores(signals: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:
+def hybrid_scores(
+    signals: Mapping[str, np.ndarray], weights: Mapping[str, float]
+) -> np.ndarray:
     """The weighted sum of the signals (n x E)."""
-    return sum((float(weights[name]) * signals[name] for name in SIGNALS), np.zeros_like(signals["description"]))
+    return sum(
+        (float(weights[name]) * signals[name] for name in SIGNALS),
+        np.zeros_like(signals["description"]),
+    )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, stable for large logits."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probs: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return probs
 
 
 def reference_probabilities(raw: np.ndarray, temperature: float) -> np.ndarray:
@@ -237,11 +369,18 @@ def reference_probabilities(raw: np.ndarray, temperature: float) -> np.ndarray:
     return np.concatenate([probs, np.zeros((raw.shape[0], 1))], axis=1)
 
 
-def standardized_probabilities(raw: np.ndarray, background: tuple[float, float], oos_score: float, temperature: float) -> np.ndarray:
+def standardized_probabilities(
+    raw: np.ndarray,
+    background: tuple[float, float],
+    oos_score: float,
+    temperature: float,
+) -> np.ndarray:
     """Softmax over standardised scores plus the "none" competitor (last column)."""
     mean, std = background
     z = (raw - mean) / std
-    logits = np.concatenate([z, np.full((raw.shape[0], 1), oos_score)], axis=1) / temperature
+    logits = (
+        np.concatenate([z, np.full((raw.shape[0], 1), oos_score)], axis=1) / temperature
+    )
     return softmax(logits)
 
 
@@ -252,7 +391,13 @@ def background_stats(raw_background: np.ndarray) -> tuple[float, float]:
 
 def readout_features(anchors: ExpertAnchors, query_vectors: np.ndarray) -> np.ndarray:
     """What the calibrated read-out looks at: similarity to every keyword and description."""
-    sims = np.concatenate([query_vectors @ anchors.keyword_vectors.T, query_vectors @ anchors.description_vectors.T], axis=1)
+    sims = np.concatenate(
+        [
+            query_vectors @ anchors.keyword_vectors.T,
+            query_vectors @ anchors.description_vectors.T,
+        ],
+        axis=1,
+    )
     return sims * READOUT_FEATURE_SCALE
 
 
@@ -261,7 +406,9 @@ def readout_probabilities(readout: Readout, features: np.ndarray) -> np.ndarray:
     return softmax(features @ readout.weights + readout.bias)
 
 
-def gate_probabilities(readout_probs: np.ndarray, standardized_probs: np.ndarray, gate: float) -> np.ndarray:
+def gate_probabilities(
+    readout_probs: np.ndarray, standardized_probs: np.ndarray, gate: float
+) -> np.ndarray:
     """Read-out probabilities, except rows the standardised scoring rules out (none >= gate).
 
     Those rows take the standardised probabilities, where "none" wins, so the explanation
@@ -281,13 +428,21 @@ def readout_to_json(readout: Readout, labels: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def readout_from_json(data: Mapping[str, Any], anchors: ExpertAnchors) -> Readout | None:
+def readout_from_json(
+    data: Mapping[str, Any], anchors: ExpertAnchors
+) -> Readout | None:
     """The read-out in `data` if it was fitted on these very anchors, else None."""
-    if data.get("format") != CALIBRATION_FORMAT or data.get("fingerprint") != anchors.fingerprint:
+    if (
+        data.get("format") != CALIBRATION_FORMAT
+        or data.get("fingerprint") != anchors.fingerprint
+    ):
         return None
     weights = np.asarray(data["weights"], dtype=np.float64)
     bias = np.asarray(data["bias"], dtype=np.float64)
-    expected = (len(anchors.keyword_owner) + len(anchors.labels), len(anchors.labels) + 1)
+    expected = (
+        len(anchors.keyword_owner) + len(anchors.labels),
+        len(anchors.labels) + 1,
+    )
     if weights.shape != expected or bias.shape != (expected[1],):
         return None
     return Readout(weights, bias, anchors.fingerprint)
@@ -296,12 +451,19 @@ def readout_from_json(data: Mapping[str, Any], anchors: ExpertAnchors) -> Readou
 def load_readout(path: Path, anchors: ExpertAnchors) -> Readout | None:
     """Read a calibration file; a stale or unreadable one is ignored with a warning."""
     try:
-        readout = readout_from_json(json.loads(path.read_text(encoding="utf-8")), anchors)
+        readout = readout_from_json(
+            json.loads(path.read_text(encoding="utf-8")), anchors
+        )
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.warning("calibration file %s ignored: cannot read it (%s)", path, type(exc).__name__)
+        logger.warning(
+            "calibration file %s ignored: cannot read it (%s)", path, type(exc).__name__
+        )
         return None
     if readout is None:
-        logger.warning("calibration file %s ignored: it was fitted on other experts or another encoder; re-run calibrate", path)
+        logger.warning(
+            "calibration file %s ignored: it was fitted on other experts or another encoder; re-run calibrate",
+            path,
+        )
     return readout
 
 
@@ -337,8 +499,12 @@ class EmbeddingRouter:
         self._encoder = encoder
         self.anchors = build_anchors(experts, encoder, cache_dir)
         self._weights = config.scoring_weights.model_dump()
-        background = cached_vectors(encoder, list(BACKGROUND_TEXTS), cache_dir, kind="query")
-        self._background = background_stats(hybrid_scores(hybrid_signals(self.anchors, background), self._weights))
+        background = cached_vectors(
+            encoder, list(BACKGROUND_TEXTS), cache_dir, kind="query"
+        )
+        self._background = background_stats(
+            hybrid_scores(hybrid_signals(self.anchors, background), self._weights)
+        )
         self._keywords = KeywordRouter(experts, config)
         self.readout: Readout | None = None
         if self._settings.calibration_file:
@@ -359,14 +525,21 @@ class EmbeddingRouter:
         raw = hybrid_scores(hybrid_signals(self.anchors, query_vectors), self._weights)
         if self._settings.scoring == "reference":
             return reference_probabilities(raw, self._config.softmax_temperature)
-        return standardized_probabilities(raw, self._background, self._settings.oos_score, self._settings.standardized_temperature)
+        return standardized_probabilities(
+            raw,
+            self._background,
+            self._settings.oos_score,
+            self._settings.standardized_temperature,
+        )
 
     def probabilities(self, query_vectors: np.ndarray) -> np.ndarray:
         """Expert probabilities plus "none" (last column) for a batch of query vectors."""
         base = self.standardized_probabilities(query_vectors)
         if self.readout is None:
             return base
-        learned = readout_probabilities(self.readout, readout_features(self.anchors, query_vectors))
+        learned = readout_probabilities(
+            self.readout, readout_features(self.anchors, query_vectors)
+        )
         return gate_probabilities(learned, base, self._settings.calibrated_oos_gate)
 
     def route(self, user_texts: Sequence[str]) -> RouteDecision:
@@ -374,6 +547,8 @@ class EmbeddingRouter:
         last = user_texts[-1] if user_texts else ""
         if not last.strip():
             return self._keywords.route(user_texts)
+        if self._settings.scoring == "reference":
+            return self._route_as_reference(user_texts)
         step = self._score(last)
         decision = self._accept(step, "embedding", None)
         earlier = [t for t in user_texts[:-1] if t.strip()]
@@ -386,18 +561,30 @@ class EmbeddingRouter:
             # cascade reads the earlier turns alone, which a short follow-up would only blur.
             # Otherwise the cascade is the reference's: the last turns joined, newest kept.
             if follow_up:
-                context = join_recent_user_texts(earlier, max(self._config.context_messages - 1, 1), self._config.context_max_chars)
+                context = join_recent_user_texts(
+                    earlier,
+                    max(self._config.context_messages - 1, 1),
+                    self._config.context_max_chars,
+                )
             else:
-                context = join_recent_user_texts(user_texts, self._config.context_messages, self._config.context_max_chars)
+                context = join_recent_user_texts(
+                    user_texts,
+                    self._config.context_messages,
+                    self._config.context_max_chars,
+                )
             context_step = self._score(context)
             cascade = self._accept(context_step, "cascade", context)
             # Without a follow-up cue, a message the experts clearly rule out (most of the
             # probability on "none") is a new, unrelated question that earlier turns must not
             # pull to their expert.
             rejected_alone = step.probs[-1] >= 0.5
-            if cascade is not None and (follow_up or not rejected_alone):
-                if decision is None or cascade.score >= decision.score:
-                    return cascade
+            allowed = follow_up or not rejected_alone
+            if (
+                cascade is not None
+                and allowed
+                and (decision is None or cascade.score >= decision.score)
+            ):
+                return cascade
             if decision is not None:
                 return decision
             if not rejected_alone:
@@ -410,7 +597,43 @@ class EmbeddingRouter:
             keyword_decision = self._keywords.route(user_texts)
             if keyword_decision.expert_id != self._fallback.id:
                 return keyword_decision
-        return RouteDecision(self._fallback.id, self._fallback.label, step.scores[self._fallback.label], "fallback", step.scores, context or None)
+        return RouteDecision(
+            self._fallback.id,
+            self._fallback.label,
+            step.scores[self._fallback.label],
+            "fallback",
+            step.scores,
+            context or None,
+        )
+
+    def _route_as_reference(self, user_texts: Sequence[str]) -> RouteDecision:
+        # The reference chain as its README describes it, kept for comparison: the last
+        # message, the joined recent messages, keywords, the fallback expert.
+        step = self._score(user_texts[-1])
+        decision = self._accept(step, "embedding", None)
+        if decision is not None:
+            return decision
+        context = join_recent_user_texts(
+            user_texts, self._config.context_messages, self._config.context_max_chars
+        )
+        if len(user_texts) > 1 and context.strip():
+            step = self._score(context)
+            decision = self._accept(step, "cascade", context)
+            if decision is not None:
+                return decision
+        if self._config.keyword_fallback:
+            keyword_decision = self._keywords.route(user_texts)
+            if keyword_decision.expert_id != self._fallback.id:
+                return keyword_decision
+        best = max(step.scores.values())
+        return RouteDecision(
+            self._fallback.id,
+            self._fallback.label,
+            best,
+            "fallback",
+            step.scores,
+            context if len(user_texts) > 1 else None,
+        )
 
     def _score(self, text: str) -> _Step:
         probs = self.probabilities(self._encoder.encode_queries([text]))[0]
@@ -419,10 +642,16 @@ class EmbeddingRouter:
         scores[self._fallback.label] = float(probs[-1])
         return _Step(probs, scores)
 
-    def _accept(self, step: _Step, method: RouteMethod, context: str | None) -> RouteDecision | None:
+    def _accept(
+        self, step: _Step, method: RouteMethod, context: str | None
+    ) -> RouteDecision | None:
         best = int(np.argmax(step.probs[:-1]))
         confidence = float(step.probs[best])
-        if confidence < self._config.confidence_threshold or confidence <= float(step.probs[-1]):
+        if confidence < self._config.confidence_threshold or confidence <= float(
+            step.probs[-1]
+        ):
             return None
         label = self.anchors.labels[best]
-        return RouteDecision(self._ids[label], label, confidence, method, step.scores, context)
+        return RouteDecision(
+            self._ids[label], label, confidence, method, step.scores, context
+        )

