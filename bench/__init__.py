@@ -1,0 +1,1 @@
+"""LeMoE benchmarks: run from the repository root with `venv/bin/python -m bench.run_all`."""
