@@ -1,0 +1,207 @@
+"""(b) What LeMoE adds to a request, next to a bare Flask relay and LiteLLM's proxy.
+
+Every contender forwards to the same zero-latency stand-in upstream (its own process), which
+answers 20 pieces. "Added" is a contender's median latency minus the median of calling the
+upstream directly, at concurrency 1; at concurrency 16 the figure is requests per second.
+
+    venv/bin/python -m bench.bench_overhead [--litellm PATH] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.footprint import tree_pss_mib, tree_rss_mib
+from bench.load import LoadResult, Target, run_load
+from bench.servers import (
+    OLLAMA_MODEL,
+    OPENAI_MODEL,
+    Server,
+    find_litellm,
+    start_bare_relay,
+    start_lemoe,
+    start_litellm,
+    start_upstream,
+    write_lemoe_project,
+)
+
+TOKENS = 20
+# Routed by the keyword router: "poem" -> writer (OpenAI backend), "python" -> coder (Ollama).
+OPENAI_QUERY = "write a short poem about the sea"
+OLLAMA_QUERY = "write a python function that adds two numbers"
+LAST_PIECE = f"tok{TOKENS - 1}".encode()
+ROUTES = ("openai", "ollama")
+CONTENDERS = ("direct", "bare relay", "lemoe", "litellm proxy")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each measurement may run: bounded in count and in time."""
+
+    warmup_requests: int = 30
+    requests_c1: int = 400
+    seconds_c1: float = 8.0
+    warmup_seconds_c16: float = 1.5
+    seconds_c16: float = 6.0
+
+
+def chat_body(model: str, query: str, stream: bool) -> bytes:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": query}], "stream": stream}).encode()
+
+
+def expected_pieces(path: str, stream: bool) -> tuple[bytes, ...]:
+    """The last answer piece, and for a stream its protocol's end marker."""
+    if not stream:
+        return (LAST_PIECE,)
+    return (LAST_PIECE, b"[DONE]" if path.startswith("/v1/") else b'"done":true')
+
+
+def target_for(contender: str, base_url: str, route: str, stream: bool) -> Target:
+    """The request each contender gets for one case: same question, same upstream, same answer."""
+    query = OPENAI_QUERY if route == "openai" else OLLAMA_QUERY
+    if contender == "lemoe":
+        model, path = "lemoe", ("/v1/chat/completions" if route == "openai" else "/api/chat")
+    elif contender == "litellm proxy":
+        # LiteLLM's proxy speaks OpenAI to its clients only; its "ollama" case is an OpenAI
+        # request that it forwards to the upstream's Ollama /api/chat.
+        model, path = ("writer" if route == "openai" else "coder"), "/v1/chat/completions"
+    else:
+        model = OPENAI_MODEL if route == "openai" else OLLAMA_MODEL
+        path = "/v1/chat/completions" if route == "openai" else "/api/chat"
+    return Target(base_url, path, chat_body(model, query, stream), expected_pieces(path, stream))
+
+
+def check_answer(target: Target) -> None:
+    """One request first, so a misconfigured contender fails loudly instead of timing errors."""
+    result = run_load(target, concurrency=1, max_requests=1, max_seconds=30)
+    if result.errors:
+        raise RuntimeError(f"{target.base_url}{target.path}: {result.first_error}")
+
+
+def measure(target: Target, concurrency: int, budget: Budget) -> LoadResult:
+    if concurrency == 1:
+        run_load(target, concurrency=1, max_requests=budget.warmup_requests, max_seconds=10)
+        return run_load(target, concurrency=1, max_requests=budget.requests_c1, max_seconds=budget.seconds_c1)
+    run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.warmup_seconds_c16)
+    return run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.seconds_c16)
+
+
+def summarize(result: LoadResult) -> dict[str, Any]:
+    return {
+        "count": result.count,
+        "errors": result.errors,
+        "first_error": result.first_error,
+        "p50_ms": round(result.percentile_ms(50), 3),
+        "p99_ms": round(result.percentile_ms(99), 3),
+        "rps": round(result.per_second, 1),
+    }
+
+
+def start_contenders(upstream_url: str, workdir: Path, litellm_bin: Path | None, workers: int,
+                     threads: int) -> dict[str, Server]:
+    servers: dict[str, Server] = {}
+    try:
+        servers["bare relay"] = start_bare_relay(upstream_url, workdir, threads=threads, workers=workers)
+        project = workdir / "lemoe"
+        config = write_lemoe_project(project, upstream_url, threads=threads, workers=workers)
+        servers["lemoe"] = start_lemoe(config, project)
+        if litellm_bin is not None:
+            servers["litellm proxy"] = start_litellm(litellm_bin, upstream_url, workdir, workers=workers)
+    except Exception:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
+        budget: Budget = Budget()) -> dict[str, Any]:
+    """Measure every case on every contender; returns the figures (also printed)."""
+    litellm_bin = find_litellm(litellm_path)
+    upstream = start_upstream(TOKENS)
+    workdir = Path(tempfile.mkdtemp(prefix="lemoe-bench-"))
+    figures: dict[str, Any] = {"cases": [], "servers": {}, "workers": workers, "threads": threads,
+                               "litellm": str(litellm_bin) if litellm_bin else None}
+    try:
+        servers = start_contenders(upstream.url, workdir, litellm_bin, workers, threads)
+        bases = {"direct": upstream.url, **{name: s.url for name, s in servers.items()}}
+        try:
+            for route in ROUTES:
+                for stream in (False, True):
+                    for concurrency in (1, 16):
+                        figures["cases"].append(measure_case(bases, route, stream, concurrency, budget))
+                        print_case(figures["cases"][-1])
+            for name, server in servers.items():
+                figures["servers"][name] = {
+                    "ready_seconds": round(server.ready_seconds, 2),
+                    "rss_mib": round(tree_rss_mib(server.process.pid), 1),
+                    "pss_mib": round(tree_pss_mib(server.process.pid), 1),
+                }
+        finally:
+            for server in servers.values():
+                server.stop()
+    finally:
+        upstream.stop()
+    return figures
+
+
+def measure_case(bases: dict[str, str], route: str, stream: bool, concurrency: int, budget: Budget) -> dict[str, Any]:
+    case: dict[str, Any] = {"route": route, "stream": stream, "concurrency": concurrency, "results": {}}
+    for contender in CONTENDERS:
+        if contender not in bases:
+            continue
+        target = target_for(contender, bases[contender], route, stream)
+        check_answer(target)
+        case["results"][contender] = summarize(measure(target, concurrency, budget))
+    direct = case["results"]["direct"]["p50_ms"]
+    for name, result in case["results"].items():
+        result["added_ms"] = round(result["p50_ms"] - direct, 3)
+    return case
+
+
+def _cell(case: dict[str, Any], contender: str) -> str:
+    result = case["results"].get(contender)
+    if result is None:
+        return "not measured"
+    err = f" ({result['errors']} err)" if result["errors"] else ""
+    if case["concurrency"] == 1:
+        if contender == "direct":
+            return f"{result['p50_ms']:.2f} ms{err}"
+        return f"+{result['added_ms']:.2f} ms (p99 {result['p99_ms']:.1f}){err}"
+    return f"{result['rps']:.0f}/s (p99 {result['p99_ms']:.0f} ms){err}"
+
+
+def print_case(case: dict[str, Any]) -> None:
+    label = f"{case['route']:<6} {'stream' if case['stream'] else 'json  '} c={case['concurrency']:<2}"
+    cells = " | ".join(f"{_cell(case, c):<26}" for c in CONTENDERS)
+    print(f"{label} | {cells}", flush=True)
+
+
+def print_header() -> None:
+    print("(b) added latency at c=1 (p50 minus direct p50), requests/s at c=16")
+    print(f"{'case':<19} | " + " | ".join(f"{c:<26}" for c in CONTENDERS), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--litellm", help="path of LiteLLM's `litellm` proxy command (default: /work/bench_venv/bin/litellm)")
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn/uvicorn workers for every contender")
+    parser.add_argument("--threads", type=int, default=32, help="gunicorn threads for LeMoE and the relay")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    print_header()
+    figures = run(args.litellm, args.workers, args.threads)
+    print(json.dumps(figures["servers"], indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
