@@ -1,21 +1,35 @@
 """Which backend serves which expert `type`: one builder per type, looked up in a dict.
 
-Adding a backend is one function and one line in `BACKEND_BUILDERS`. An expert whose backend
-cannot be built (a missing file, a missing library) does not stop the server: it gets a
-stand-in that fails at request time, so the runner answers with the fallback expert.
+Adding a backend is one function and one line in `BACKEND_BUILDERS` (local experts go one step
+further, by `format`, in `LOCAL_BUILDERS`). An expert whose backend cannot be built (a missing
+file, a missing library, an unset API key) does not stop the server: it gets a stand-in that
+fails at request time, so the runner answers with the fallback expert, and a start-up warning
+says why.
+
+Libraries are imported by the builders, so a server without `api` experts never pays LiteLLM's
+import time, and one without ONNX experts never loads onnxruntime.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from modules.backend import Backend
 from modules.chat_types import ChatEvent, ChatRequest
-from modules.config_manager import AppConfig, ExpertConfig, resolve_local_model_path
-from modules.errors import ExpertUnavailable
+from modules.config_manager import (
+    AppConfig,
+    ExpertConfig,
+    LocalModelsConfig,
+    resolve_inside,
+    resolve_local_model_path,
+)
+from modules.errors import ExpertError, ExpertUnavailable, ServiceUnavailable
 from modules.logger import get_logger
 from modules.model_pool import ModelPool
+from modules.model_stats import ModelStats
 
 log = get_logger("backends")
 
@@ -47,17 +61,46 @@ def _build_openai(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> B
 
 
 def _build_local(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
-    assert expert.model_path is not None  # guaranteed by config validation
+    assert expert.model_path is not None and expert.format is not None  # guaranteed by config validation
     path = resolve_local_model_path(expert.model_path, config.project_dir, config.local_models.models_dir)
-    if expert.format == "gguf":
-        from modules.ai_engine import GGUFBackend
+    build = LOCAL_BUILDERS.get(expert.format)
+    if build is None:
+        return _Unavailable(f"local format '{expert.format}' is not supported by this build")
+    return build(expert, path, pool, config.local_models)
 
-        return GGUFBackend(expert, path, pool, config.local_models)
-    return _Unavailable(f"local format '{expert.format}' is not supported by this build")
+
+def _build_gguf(expert: ExpertConfig, path: Path, pool: ModelPool, local: LocalModelsConfig) -> Backend:
+    from modules.ai_engine import GGUFBackend
+
+    return GGUFBackend(expert, path, pool, local)
+
+
+def _build_onnx(expert: ExpertConfig, path: Path, pool: ModelPool, local: LocalModelsConfig) -> Backend:
+    from modules.onnx_runner import GENAI_CONFIG, OnnxBackend
+
+    if not (path / GENAI_CONFIG).is_file():
+        # Said at start-up rather than at the first request; the expert falls back meanwhile.
+        raise FileNotFoundError(f"ONNX model folder {path} has no {GENAI_CONFIG}")
+    return OnnxBackend(expert, path, pool, local)
 
 
 def _build_api(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
-    return _Unavailable("the LiteLLM 'api' backend is not supported by this build")
+    from modules.litellm_backend import (
+        ApiBackend,
+        api_key_from_environment,
+        import_litellm,
+    )
+
+    # Checked first: without its key the expert cannot answer, so LiteLLM need not be imported.
+    api_key = api_key_from_environment(expert)
+    return ApiBackend(expert, config.server, api_key, import_litellm())
+
+
+# One entry per local `format`.
+LOCAL_BUILDERS: dict[str, Callable[[ExpertConfig, Path, ModelPool, LocalModelsConfig], Backend]] = {
+    "gguf": _build_gguf,
+    "onnx": _build_onnx,
+}
 
 
 # One entry per `type` in experts.json; adding a backend is one line here.
@@ -70,6 +113,8 @@ BACKEND_BUILDERS: dict[str, Callable[[ExpertConfig, AppConfig, ModelPool], Backe
 
 
 def build_backends(config: AppConfig, pool: ModelPool) -> dict[int, Backend]:
+    if any(e.type == "local" for e in config.experts):
+        attach_model_stats(config, pool)
     backends: dict[int, Backend] = {}
     for expert in config.experts:
         try:
@@ -80,3 +125,43 @@ def build_backends(config: AppConfig, pool: ModelPool) -> dict[int, Backend]:
         if isinstance(backends[expert.id], _Unavailable):
             log.warning("expert '%s' will fall back: %s", expert.label, backends[expert.id].reason)  # type: ignore[union-attr]
     return backends
+
+
+def attach_model_stats(config: AppConfig, pool: ModelPool) -> None:
+    """Count the pool's loads, unloads and requests in the stats file (kept from earlier runs)."""
+    if pool.stats is not None:
+        return
+    try:
+        path = resolve_inside(config.project_dir, config.local_models.stats_file, "stats_file")
+    except ValueError as exc:
+        log.warning("model statistics are off: %s", exc)
+        return
+    pool.attach_stats(ModelStats(path))
+
+
+@runtime_checkable
+class LocalModelBackend(Protocol):
+    """A backend with a model in the pool, which Ollama's load/unload requests can steer."""
+
+    def preload(self, keep_alive: float | None = None) -> None: ...
+
+    def unload(self) -> bool: ...
+
+
+def apply_load_probe(backend: Backend, keep_alive: float | None) -> bool:
+    """Ollama's empty load request: keep_alive 0 unloads the expert's model, anything else loads it
+    (and sets how long it stays). False when the backend has no local model to steer.
+
+    Raises `ServiceUnavailable` when the model cannot be loaded.
+    """
+    if not isinstance(backend, LocalModelBackend):
+        return False
+    if keep_alive == 0:
+        backend.unload()
+        return True
+    try:
+        backend.preload(keep_alive)
+    except ExpertError as exc:
+        log.warning("loading a model on request failed: %s", exc)
+        raise ServiceUnavailable("the model could not be loaded") from exc
+    return True

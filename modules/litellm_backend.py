@@ -1,0 +1,314 @@
+"""`api` experts: remote providers (OpenAI, Anthropic, Gemini, Ollama, ...) through LiteLLM.
+
+LiteLLM is heavy (seconds to import) and, by default, fetches its model cost map from the
+internet when imported. So it is imported only when an `api` expert is configured, through
+`import_litellm`, which first switches it to the cost map shipped in the package.
+
+The API key comes from the environment variable named in `api_key_env`, read once when the
+backend is built; it is never in JSON, never logged.
+
+Every answer is streamed from the provider (a non-streaming client request is collected by the
+runner), and each chunk becomes `ChatEvent`s: text, reasoning, whole tool calls (assembled from
+their fragments), and a final `Done` with the usage the provider reported.
+
+LiteLLM's exceptions are translated in one place, `expert_error_from_litellm`, by the ordered
+table `litellm_error_table`: timeouts -> `ExpertTimeout`; authentication, connection and API
+errors -> `ExpertUnavailable`; anything once the answer has started -> `ExpertStreamBroken`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import closing
+from types import ModuleType
+from typing import Any, NoReturn
+
+from modules.chat_types import (
+    ChatEvent,
+    ChatRequest,
+    Done,
+    Message,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+    Usage,
+)
+from modules.config_manager import ExpertConfig, ServerConfig
+from modules.errors import (
+    ExpertError,
+    ExpertStreamBroken,
+    ExpertTimeout,
+    ExpertUnavailable,
+    InvalidRequest,
+)
+from modules.openai_chunks import ToolCallAssembler, parts_from_chunk
+
+# LiteLLM reads this at import: "True" means the cost map bundled in the package, no download.
+LOCAL_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
+
+# Ollama option name -> (LiteLLM / OpenAI parameter, JSON types accepted).
+_PARAMETERS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "temperature": ("temperature", (int, float)),
+    "top_p": ("top_p", (int, float)),
+    "top_k": ("top_k", (int,)),
+    "seed": ("seed", (int,)),
+    "presence_penalty": ("presence_penalty", (int, float)),
+    "frequency_penalty": ("frequency_penalty", (int, float)),
+    "repeat_penalty": ("repetition_penalty", (int, float)),
+}
+
+
+def import_litellm() -> ModuleType:
+    """LiteLLM, imported on first use with its import-time network access switched off."""
+    # Set unconditionally: a user's "False" would make every start-up try to reach the internet.
+    os.environ[LOCAL_COST_MAP_ENV] = "True"
+    import litellm
+
+    # Its "Give Feedback / Get Help" banner goes to stdout on every exception.
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+def litellm_error_table(litellm: ModuleType) -> tuple[tuple[type[BaseException], type[ExpertError]], ...]:
+    """(exception class, ExpertError subclass) pairs, most specific first; the first match wins.
+
+    LiteLLM's exceptions subclass openai-python's (`Timeout` is an `APITimeoutError`, which is an
+    `APIConnectionError`), so a timeout must be looked up before the connection errors. A few
+    LiteLLM exceptions (budget, guardrail, PII) do not, and are listed by name.
+    """
+    import httpx
+    import openai
+
+    exc = litellm.exceptions
+    return (
+        (exc.MidStreamFallbackError, ExpertStreamBroken),
+        (exc.Timeout, ExpertTimeout),
+        (openai.APITimeoutError, ExpertTimeout),
+        (httpx.TimeoutException, ExpertTimeout),
+        (exc.AuthenticationError, ExpertUnavailable),
+        (exc.PermissionDeniedError, ExpertUnavailable),
+        (exc.APIConnectionError, ExpertUnavailable),
+        (exc.RateLimitError, ExpertUnavailable),
+        (exc.ServiceUnavailableError, ExpertUnavailable),
+        (exc.InternalServerError, ExpertUnavailable),
+        (exc.BadRequestError, ExpertUnavailable),
+        (exc.NotFoundError, ExpertUnavailable),
+        (exc.APIError, ExpertUnavailable),
+        (openai.OpenAIError, ExpertUnavailable),
+        (exc.BudgetExceededError, ExpertUnavailable),
+        (exc.GuardrailRaisedException, ExpertUnavailable),
+        (exc.BlockedPiiEntityError, ExpertUnavailable),
+        (exc.ModelNotMappedError, ExpertUnavailable),
+        (exc.ModifyResponseException, ExpertUnavailable),
+        (exc.SensitiveDataRouteException, ExpertUnavailable),
+        (httpx.HTTPError, ExpertUnavailable),
+    )
+
+
+def expert_error_from_litellm(
+    exc: BaseException, table: tuple[tuple[type[BaseException], type[ExpertError]], ...], *, started: bool
+) -> ExpertError | None:
+    """The ExpertError for a LiteLLM exception, or None when it is not one of LiteLLM's.
+
+    Once part of the answer has gone out (`started`), any provider failure breaks the stream:
+    the fallback expert can no longer take over silently.
+    """
+    for kind, failure in table:
+        if isinstance(exc, kind):
+            failure = ExpertStreamBroken if started else failure
+            return failure(f"{type(exc).__name__}: {_message_of(exc)}")
+    return None
+
+
+def _message_of(exc: BaseException) -> str:
+    # Some LiteLLM exceptions build their text from attributes a partly-built one lacks; a
+    # failure while describing a failure must not replace it.
+    try:
+        return str(exc)
+    except Exception:
+        return "(no message)"
+
+
+def litellm_model_name(expert: ExpertConfig) -> str:
+    """`provider/model_name`, LiteLLM's way of naming a provider; just the model when none is set."""
+    return f"{expert.provider}/{expert.model_name}" if expert.provider else str(expert.model_name)
+
+
+def api_key_from_environment(expert: ExpertConfig) -> str | None:
+    """The expert's key from the env var it names; raises ExpertUnavailable when that is unset."""
+    if not expert.api_key_env:
+        return None
+    key = os.environ.get(expert.api_key_env, "").strip()
+    if not key:
+        raise ExpertUnavailable(f"environment variable {expert.api_key_env} is not set")
+    return key
+
+
+class ApiBackend:
+    """A `Backend` that answers through `litellm.completion(..., stream=True)`."""
+
+    def __init__(self, expert: ExpertConfig, server: ServerConfig, api_key: str | None, litellm: ModuleType) -> None:
+        self.expert = expert
+        self.model = litellm_model_name(expert)
+        self._api_key = api_key
+        self._litellm = litellm
+        self._errors = litellm_error_table(litellm)
+        self._timeout = expert.timeout or server.read_timeout
+
+    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
+        # Refuse bad options before calling anyone.
+        arguments = litellm_arguments_from_request(request)
+        started = time.perf_counter_ns()
+        try:
+            response = self._litellm.completion(
+                model=self.model,
+                api_key=self._api_key,
+                api_base=self.expert.api_base,
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=self._timeout,
+                # LeMoE's answer to a failure is the fallback expert, not a retry that doubles
+                # the client's wait; and options a provider lacks are dropped, not fatal.
+                max_retries=0,
+                drop_params=True,
+                **arguments,
+            )
+        except Exception as exc:
+            self._raise_mapped(exc, started=False)
+        yield from self._events(response, started)
+
+    def close(self) -> None:
+        # LiteLLM keeps its own shared HTTP clients; nothing per backend to release.
+        pass
+
+    def _events(self, response: Any, started_ns: int) -> Iterator[ChatEvent]:
+        tool_calls = ToolCallAssembler()
+        usage: Mapping[str, Any] = {}
+        finish: str | None = None
+        sent = False
+        first_at: int | None = None
+        with closing(response):
+            chunks = iter(response)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except Exception as exc:
+                    self._raise_mapped(exc, started=sent)
+                if chunk is None:
+                    break
+                first_at = first_at or time.perf_counter_ns()
+                raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
+                usage = raw.get("usage") or usage
+                text, fragments, chunk_finish = parts_from_chunk(raw)
+                finish = chunk_finish or finish
+                tool_calls.add(fragments)
+                thinking = _reasoning_from_chunk(raw)
+                if thinking:
+                    sent = True
+                    yield ThinkingDelta(thinking)
+                if text:
+                    sent = True
+                    yield TextDelta(text)
+        for call in tool_calls.calls():
+            yield ToolCallDelta(call)
+        yield done_from_stream_end(finish, usage, started_ns, first_at)
+
+    def _raise_mapped(self, exc: Exception, *, started: bool) -> NoReturn:
+        mapped = expert_error_from_litellm(exc, self._errors, started=started)
+        if mapped is None:
+            # Not LiteLLM's: a bug of ours, which the runner logs with its traceback.
+            raise exc
+        raise mapped from exc
+
+
+def _reasoning_from_chunk(raw: Mapping[str, Any]) -> str:
+    choices = raw.get("choices") or [{}]
+    delta = choices[0].get("delta") or {}
+    return str(delta.get("reasoning_content") or "")
+
+
+def done_from_stream_end(
+    finish: str | None, usage: Mapping[str, Any], started_ns: int, first_at: int | None
+) -> Done:
+    done_at = time.perf_counter_ns()
+    first_at = first_at or done_at
+    return Done(
+        done_reason="length" if finish == "length" else "stop",
+        usage=Usage(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            total_duration_ns=done_at - started_ns,
+            prompt_eval_duration_ns=first_at - started_ns,
+            eval_duration_ns=done_at - first_at,
+        ),
+    )
+
+
+def litellm_arguments_from_request(request: ChatRequest) -> dict[str, Any]:
+    """`litellm.completion` arguments (besides model, key and transport) for a request.
+
+    Options use Ollama's names (num_predict -> max_tokens, repeat_penalty -> repetition_penalty,
+    ...); unknown ones are ignored, as Ollama does. Raises `InvalidRequest` for a wrong type.
+    """
+    options = request.options
+    arguments: dict[str, Any] = {"messages": litellm_messages_from_request(request)}
+    for name, (parameter, kinds) in _PARAMETERS.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise InvalidRequest(f"option '{name}' must be a number")
+        arguments[parameter] = value
+    num_predict = options.get("num_predict")
+    if num_predict is not None:
+        if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)):
+            raise InvalidRequest("option 'num_predict' must be a number")
+        if num_predict > 0:
+            arguments["max_tokens"] = int(num_predict)
+    stop = options.get("stop")
+    if stop:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise InvalidRequest("option 'stop' must be a string or a list of strings")
+        arguments["stop"] = [s for s in stops if s]
+    if request.tools:
+        arguments["tools"] = request.tools
+    if request.format == "json":
+        arguments["response_format"] = {"type": "json_object"}
+    elif isinstance(request.format, dict):
+        arguments["response_format"] = {
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": request.format},
+        }
+    elif request.format:
+        raise InvalidRequest('format must be "json" or a JSON schema object')
+    return arguments
+
+
+def litellm_messages_from_request(request: ChatRequest) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages; a completion prompt becomes one user turn."""
+    if request.kind == "completion":
+        return [{"role": "user", "content": request.prompt or ""}]
+    return [litellm_message_from_message(m) for m in request.messages]
+
+
+def litellm_message_from_message(message: Message) -> dict[str, Any]:
+    content: Any = message.content or ""
+    if message.images:
+        content = [{"type": "text", "text": message.content or ""}] + [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in message.images
+        ]
+    out: dict[str, Any] = {"role": message.role, "content": content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id or f"call_{i}", "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            for i, c in enumerate(message.tool_calls)
+        ]
+    if message.role == "tool":
+        out["tool_call_id"] = message.tool_call_id or ""
+        if message.tool_name:
+            out["name"] = message.tool_name
+    return out
