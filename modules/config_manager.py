@@ -227,25 +227,82 @@ class AppConfig(BaseModel):
         return next((e for e in self.experts if e.label.lower() == label), None)
 
 
+# Cloud metadata services outside the link-local ranges: AWS's IPv6 endpoint and Alibaba's.
+_METADATA_NETWORKS = (ipaddress.ip_network("fd00:ec2::254/128"), ipaddress.ip_network("100.100.100.200/32"))
+_METADATA_NAMES = frozenset({"metadata", "metadata.google.internal", "metadata.goog", "instance-data",
+                             "instance-data.ec2.internal"})
+# The well-known NAT64 prefix: 64:ff9b::a9fe:a9fe reaches 169.254.169.254 through a NAT64 gateway.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# A name that does not resolve in this time is let through: it cannot be checked, and start-up
+# must not hang on a slow resolver.
+_RESOLVE_TIMEOUT = 2.0
+
+
 def check_backend_url(url: str) -> None:
     """Refuse URLs that are not http(s) or that point at link-local / cloud metadata addresses.
 
-    Private and loopback addresses stay allowed: local Ollama servers live there.
+    Host names are resolved once, here, so that a name (or a numeric form such as `2852039166`
+    or `0xa9fea9fe`, which the resolver turns into 169.254.169.254) cannot smuggle in a
+    forbidden address. Private and loopback addresses stay allowed: local Ollama servers live
+    there.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError("must be an http:// or https:// URL")
-    host = parts.hostname
     if not host:
         raise ValueError("has no host")
+    name = host.lower().rstrip(".")
+    if name in _METADATA_NAMES:
+        raise ValueError("points at a cloud metadata service")
     try:
-        ip = ipaddress.ip_address(host)
+        literal = ipaddress.ip_address(name)
     except ValueError:
-        if host.lower() in ("metadata.google.internal", "metadata"):
-            raise ValueError("points at a cloud metadata service") from None
-        return
-    if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-        raise ValueError(f"points at a forbidden address ({ip})")
+        literal = None
+    for ip in [literal] if literal is not None else _resolve(name):
+        if _is_forbidden_address(ip):
+            where = str(ip) if literal is not None else f"{host} resolves to {ip}"
+            raise ValueError(f"points at a forbidden address ({where})")
+
+
+def _is_forbidden_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and _is_forbidden_address(embedded):
+            return True
+        ip = ipaddress.IPv6Address(ip.compressed.split("%")[0])  # the zone (%eth0) changes nothing
+    return (ip.is_link_local or ip.is_multicast or ip.is_unspecified
+            or any(ip in net for net in _METADATA_NETWORKS if net.version == ip.version))
+
+
+def _resolve(name: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address `name` resolves to now; [] when it does not resolve (in time)."""
+    import socket
+    import threading
+
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            return
+        for info in infos:
+            try:
+                found.append(ipaddress.ip_address(str(info[4][0]).split("%")[0]))
+            except ValueError:
+                continue
+
+    # getaddrinfo cannot be cancelled: a daemon thread lets a hung resolver be abandoned.
+    worker = threading.Thread(target=lookup, name="lemoe-resolve", daemon=True)
+    worker.start()
+    worker.join(_RESOLVE_TIMEOUT)
+    return list(found) if not worker.is_alive() else []
 
 
 def resolve_inside(base: Path, relative: str, what: str) -> Path:
