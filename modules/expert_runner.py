@@ -5,7 +5,9 @@ The runner only knows the `Backend` interface. It owns the failure semantics:
   the fallback expert, silently for the client, with an `[Auto-Correction]` log line;
 - a failure after events have gone out is logged and re-raised, so the protocol layer can end
   the stream with an error event in the client's protocol;
-- when even the fallback expert fails, `ServiceUnavailable` (503) is raised.
+- when even the fallback expert fails, `ServiceUnavailable` (503) is raised;
+- an expert that keeps failing is benched (`ExpertHealth`): while its cool-down lasts, its
+  requests go straight to the fallback expert.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from modules.backend import Backend
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message
 from modules.config_manager import AppConfig, ExpertConfig
 from modules.errors import ExpertError, ExpertUnavailable, ServiceUnavailable
+from modules.expert_health import ExpertHealth
 from modules.logger import get_logger
 from modules.model_pool import ModelPool
 
@@ -63,17 +66,21 @@ class _Prepended(Iterator[ChatEvent]):
 
 
 class ExpertRunner:
-    def __init__(self, config: AppConfig, backends: dict[int, Backend]) -> None:
+    def __init__(self, config: AppConfig, backends: dict[int, Backend], health: ExpertHealth | None = None) -> None:
         self._config = config
         self._backends = backends
         self._fallback = config.fallback_expert
+        self._health = health or ExpertHealth(config.server.expert_failures_before_cooldown,
+                                              config.server.expert_cooldown_seconds)
 
     def start(self, expert: ExpertConfig, request: ChatRequest) -> ExpertRun:
         """Start a streamed answer; falls back if `expert` fails before its first event."""
-        try:
-            return ExpertRun(expert, self._primed(expert, request))
-        except ExpertError as exc:
-            cause = self._auto_correct(expert, exc)
+        cause = self._benched_cause(expert)
+        if cause is None:
+            try:
+                return ExpertRun(expert, self._primed(expert, request))
+            except ExpertError as exc:
+                cause = self._auto_correct(expert, exc)
         try:
             return ExpertRun(self._fallback, self._primed(self._fallback, request), fallback_cause=cause)
         except ExpertError as exc:
@@ -82,14 +89,14 @@ class ExpertRunner:
 
     def collect(self, expert: ExpertConfig, request: ChatRequest) -> tuple[ExpertConfig, list[ChatEvent], str | None]:
         """Run to completion (non-streaming); any failure re-runs the whole request on the fallback."""
+        cause = self._benched_cause(expert)
+        if cause is None:
+            try:
+                return expert, list(self._watched(expert, request)), None
+            except ExpertError as exc:
+                cause = self._auto_correct(expert, exc)
         try:
-            events = self._backend(expert).stream_chat(request_for_expert(expert, request))
-            return expert, list(self._watched(expert, events)), None
-        except ExpertError as exc:
-            cause = self._auto_correct(expert, exc)
-        try:
-            fallback_events = self._backend(self._fallback).stream_chat(request_for_expert(self._fallback, request))
-            return self._fallback, list(self._watched(self._fallback, fallback_events)), cause
+            return self._fallback, list(self._watched(self._fallback, request)), cause
         except ExpertError as exc:
             log.error("fallback expert '%s' failed too: %s", self._fallback.label, exc)
             raise ServiceUnavailable("no expert is available to answer right now", retry_after=5) from exc
@@ -102,33 +109,56 @@ class ExpertRunner:
         return self._backends[expert.id]
 
     def _primed(self, expert: ExpertConfig, request: ChatRequest) -> Iterator[ChatEvent]:
-        events = self._watched(expert, self._backend(expert).stream_chat(request_for_expert(expert, request)))
+        events = self._watched(expert, request)
         first = next(events, None)
         if first is None:
             raise ExpertUnavailable("the expert ended its answer without any event")
         return _Prepended(first, events)
 
-    def _watched(self, expert: ExpertConfig, events: Iterator[ChatEvent]) -> Iterator[ChatEvent]:
-        """Pass events through; log failures and timing; insist on a final Done."""
+    def _watched(self, expert: ExpertConfig, request: ChatRequest) -> Iterator[ChatEvent]:
+        """Run `expert` and pass its events through; log failures and timing; insist on a final
+        Done; keep the expert's health record. A client that goes away (GeneratorExit) is
+        neither a failure nor a success."""
         started = time.monotonic()
         done = False
+        events: Iterator[ChatEvent] | None = None
         try:
+            # Called in here so that a backend failing as it starts counts like any other failure.
+            events = self._backend(expert).stream_chat(request_for_expert(expert, request))
             for event in events:
                 done = isinstance(event, Done)
                 yield event
+            if not done:
+                raise ExpertUnavailable("the expert's answer ended without a final event")
         except ExpertError as exc:
             log.warning("expert '%s' failed after %.2fs: %s", expert.label, time.monotonic() - started, exc)
+            self._record_failure(expert, exc)
             raise
         except Exception as exc:  # a backend bug must look like a failed expert, not a 500
             log.exception("expert '%s' raised unexpectedly", expert.label)
-            raise ExpertUnavailable(f"unexpected {type(exc).__name__}") from exc
+            failure = ExpertUnavailable(f"unexpected {type(exc).__name__}")
+            self._record_failure(expert, failure)
+            raise failure from exc
         finally:
             close = getattr(events, "close", None)
             if close is not None:
                 close()
-        if not done:
-            raise ExpertUnavailable("the expert's answer ended without a final event")
+        if expert.id != self._fallback.id:
+            self._health.record_success(expert.label)
         log.info("expert '%s' answered in %.2fs", expert.label, time.monotonic() - started)
+
+    def _record_failure(self, expert: ExpertConfig, exc: ExpertError) -> None:
+        # The fallback is never benched: with it gone there would be nobody left to answer.
+        if expert.id != self._fallback.id:
+            self._health.record_failure(expert.label, f"{type(exc).__name__}: {exc}")
+
+    def _benched_cause(self, expert: ExpertConfig) -> str | None:
+        """Why `expert` is skipped without being tried (it is in its cool-down), else None."""
+        if expert.id == self._fallback.id or not self._health.is_benched(expert.label):
+            return None
+        log.info("[Auto-Correction] expert '%s' is in cool-down; answering with fallback '%s'",
+                 expert.label, self._fallback.label)
+        return "in cool-down"
 
     def _auto_correct(self, expert: ExpertConfig, exc: ExpertError) -> str:
         cause = f"{type(exc).__name__}: {exc}"
