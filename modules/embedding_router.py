@@ -41,8 +41,8 @@ from typing import Any, Literal
 import numpy as np
 
 from modules.chat_types import RouteDecision, RouteMethod
-from modules.config_manager import ExpertConfig, RouterConfig
-from modules.encoders import Encoder, cached_vectors
+from modules.config_manager import AppConfig, ExpertConfig, RouterConfig
+from modules.encoders import Encoder, build_encoder, cached_vectors
 from modules.generic_router import (
     FALLBACK_EXPERT_ID,
     KeywordRouter,
@@ -114,6 +114,8 @@ BACKGROUND_TEXTS = (
 # Cosines are multiplied by this before the calibrated read-out so that its weights stay O(1).
 READOUT_FEATURE_SCALE = 10.0
 CALIBRATION_FORMAT = 1
+# Under the project's data/ folder (kept out of git).
+EMBEDDING_CACHE_DIR = "embedding_cache"
 
 # Words by which a message points back at the conversation ("make IT shorter", "your previous
 # answer", "¿y si ...?", "ahora en Python"). A message that the experts rule out joins the
@@ -655,3 +657,23 @@ class EmbeddingRouter:
         return RouteDecision(
             self._ids[label], label, confidence, method, step.scores, context
         )
+
+
+def build_embedding_router(
+    config: AppConfig, cache_dir: Path | None = None
+) -> EmbeddingRouter | KeywordRouter:
+    """The router `config.router.model_path` asks for: embedding, or keyword-only for "".
+
+    Keyword and description vectors are cached under `<project>/data/embedding_cache` unless
+    `cache_dir` says otherwise.
+    """
+    encoder = build_encoder(config.router.model_path)
+    if encoder is None:
+        return KeywordRouter(config.experts, config.router)
+    return EmbeddingRouter(
+        config.experts,
+        config.router,
+        encoder,
+        cache_dir=cache_dir or config.project_dir / "data" / EMBEDDING_CACHE_DIR,
+        project_dir=config.project_dir,
+    )

@@ -408,3 +408,26 @@ def test_unreadable_calibration_file_is_ignored(
     path.write_text("{not json")
     assert load_readout(path, router.anchors) is None
     assert load_readout(tmp_path / "missing.json", router.anchors) is None
+
+
+def test_build_from_app_config_picks_embedding_or_keywords(tmp_path: Path) -> None:
+    from modules.config_manager import load_config
+    from modules.embedding_router import build_embedding_router
+    from modules.generic_router import KeywordRouter
+
+    project = Path(__file__).resolve().parents[2]
+    config = load_config(
+        project / "config" / "examples" / "assistants_config.json", project
+    )
+    router = build_embedding_router(config, cache_dir=tmp_path)
+    assert isinstance(router, EmbeddingRouter)
+    assert list(tmp_path.glob("vectors-*.npz"))
+    assert (
+        router.route(["¿Cómo resuelvo esta ecuación de segundo grado?"]).label == "math"
+    )
+    keyword_only = config.model_copy(
+        update={"router": config.router.model_copy(update={"model_path": ""})}
+    )
+    assert isinstance(
+        build_embedding_router(keyword_only, cache_dir=tmp_path), KeywordRouter
+    )
