@@ -16,7 +16,10 @@ from flask import Flask, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from modules import http_views as views
+from modules.api_keys import init_api_keys
+from modules.client_timeouts import client_timeout_from_environment, init_client_timeouts
 from modules.config_manager import AppConfig, load_config, with_overrides
+from modules.cors import init_cors
 from modules.errors import (
     BodyTooLarge,
     ConfigError,
@@ -26,6 +29,7 @@ from modules.errors import (
     RequestError,
 )
 from modules.logger import get_logger, setup_logging
+from modules.rate_limit import init_rate_limit
 
 log = get_logger("server")
 
@@ -38,6 +42,12 @@ def create_app(config: AppConfig | None = None) -> Flask:
     app.extensions["lemoe"] = build_services(config)
     register_routes(app)
     register_error_handlers(app)
+    # Guards, in the order they run on a request: CORS (answers preflights), rate limit, API
+    # key, then the bounded read of the body.
+    init_cors(app, config.cors, _error_response)
+    init_rate_limit(app, config.rate_limit, _error_response)
+    init_api_keys(app, config.auth, config.project_dir, _error_response)
+    init_client_timeouts(app, client_timeout_from_environment(), _error_response)
     log.info("LeMoE ready: %d experts, router=%s", len(config.experts), type(app.extensions["lemoe"].router).__name__)
     return app
 
