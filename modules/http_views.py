@@ -138,6 +138,18 @@ def _response_model(req: ChatRequest) -> str:
     return req.model or "lemoe"
 
 
+def answer_load_probe(req: ChatRequest, kind: str) -> Response:
+    """Ollama's empty request: load (or with keep_alive 0, unload) a local expert's model."""
+    from modules.backend_registry import apply_load_probe
+
+    svc = services()
+    expert = svc.catalog.choose(req.model).expert
+    if expert is not None and expert.type == "local":
+        # ExpertRunner has no public accessor for an expert's backend yet.
+        apply_load_probe(svc.runner._backend(expert), req.keep_alive)
+    return json_response(ollama.ollama_load_response(req.model or "", kind, unload=req.keep_alive == 0))
+
+
 # --- Ollama API --------------------------------------------------------------------------------
 
 def ollama_root() -> Response:
@@ -165,12 +177,19 @@ def ollama_show() -> Response:
     return json_response(ollama.ollama_show(card))
 
 
+# Ollama reports a model kept forever (keep_alive < 0) as expiring after Go's longest duration
+# (about 292 years); clients parse expires_at as a date, so it must be one.
+_FOREVER_SECONDS = (2**63 - 1) / 1e9
+
+
 def ollama_ps() -> Response:
     svc = services()
     entries = []
+    now = time.time()
     for loaded in svc.pool.loaded():
+        expires_at = loaded.expires_at if loaded.expires_at is not None else now + _FOREVER_SECONDS
         for card in _cards_for_pool_key(svc, loaded.key):
-            entries.append((card, loaded.expires_at, 0))
+            entries.append((card, expires_at, 0))
     return json_response(ollama.ollama_ps(entries))
 
 
@@ -193,7 +212,7 @@ def _cards_for_pool_key(svc: Services, key: str) -> list[Any]:
 def ollama_chat() -> Response:
     req = ollama.chat_request_from_ollama(read_json_body())
     if ollama.is_load_probe(req):
-        return json_response(ollama.ollama_load_response(req.model or "", "chat", unload=req.keep_alive == 0))
+        return answer_load_probe(req, "chat")
     model = _response_model(req)
     return answer_chat(
         req,
@@ -206,7 +225,7 @@ def ollama_chat() -> Response:
 def ollama_generate() -> Response:
     req = ollama.generate_request_from_ollama(read_json_body())
     if ollama.is_load_probe(req):
-        return json_response(ollama.ollama_load_response(req.model or "", "generate", unload=req.keep_alive == 0))
+        return answer_load_probe(req, "generate")
     model = _response_model(req)
     return answer_chat(
         req,
