@@ -39,8 +39,9 @@ def default_experts(upstream_url: str, closed_url: str) -> list[dict[str, Any]]:
         remote_expert(1, "coder", "ollama", "coder-model", ["python", "code", "function"], upstream_url),
         remote_expert(2, "writer", "openai", "writer-model", ["poem", "essay", "story"], upstream_url),
         remote_expert(3, "broken", "ollama", "broken-model", ["kubernetes", "docker"], closed_url),
-        remote_expert(4, "flaky", "ollama", "flaky-model", ["weather", "forecast"], upstream_url),
-        remote_expert(5, "flakyai", "openai", "flakyai-model", ["recipe", "cooking"], upstream_url),
+        # A per-expert timeout shorter than server.read_timeout keeps the timeout cases quick.
+        {**remote_expert(4, "flaky", "ollama", "flaky-model", ["weather", "forecast"], upstream_url), "timeout": 1.0},
+        {**remote_expert(5, "flakyai", "openai", "flakyai-model", ["recipe", "cooking"], upstream_url), "timeout": 1.0},
     ]
 
 
