@@ -8,8 +8,10 @@ thread then blocks on the socket with no timeout.
 
 This module closes those two holes from inside the app, through the request's socket
 (`environ["gunicorn.socket"]`):
-- the whole request body must arrive within `seconds` (408 in the client's protocol otherwise),
-  and it is read here, before the view runs, so the view never blocks on the client;
+- the whole request body must arrive within `seconds` (408 in the client's protocol otherwise;
+  a watchdog thread enforces the total, a socket timeout each read), and it is read here, before
+  the view runs, so the view never blocks on the client. gunicorn then spends at most 5 more
+  seconds draining what is left of such a body before it closes the connection;
 - every write of the answer must make progress within `seconds`: a client that stops reading
   gets its connection closed, which closes the answer's generator and so stops the expert.
 
@@ -20,8 +22,11 @@ runs, on a blocking socket; put a reverse proxy with a header timeout (nginx
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -54,39 +59,82 @@ def client_timeout_from_environment(environ: dict[str, str] | None = None) -> fl
     return value if 0 < value < 86400 else DEFAULT_CLIENT_TIMEOUT
 
 
-class _DeadlineInput:
-    """`wsgi.input` with a deadline for the whole body: each read may only wait what is left."""
+class _BodyWatchdog:
+    """One thread per process that cuts short request bodies still arriving at their deadline.
 
-    def __init__(self, stream: Any, sock: socket.socket, deadline: float) -> None:
-        self._stream = stream
-        self._sock = sock
-        self._deadline = deadline
+    A socket timeout bounds each read, not the whole body: a client sending one byte a second
+    would never trip it. At the deadline the watchdog drops the socket's timeout to almost
+    nothing, so the next read fails and the request gets its 408.
+    """
 
-    def _arm(self) -> None:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("request body deadline passed")
-        self._sock.settimeout(remaining)
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: set[int] = set()
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
 
-    def read(self, size: int = -1) -> bytes:
-        self._arm()
-        return self._stream.read(size)  # type: ignore[no-any-return]
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        with self._cond:
+            token = next(self._tokens)
+            heapq.heappush(self._heap, (deadline, token, sock))
+            self._live.add(token)
+            if self._thread is None:
+                # Started on first use, so it lives in the gunicorn worker, not the master.
+                self._thread = threading.Thread(target=self._run, name="lemoe-body-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
 
-    def readline(self, size: int = -1) -> bytes:
-        self._arm()
-        return self._stream.readline(size)  # type: ignore[no-any-return]
+    def release(self, token: int) -> None:
+        with self._cond:
+            self._live.discard(token)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, token, sock = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                if token in self._live:
+                    self._live.discard(token)
+                    _set_timeout(sock, 0.001)
+
+
+_WATCHDOG = _BodyWatchdog()
+
+
+def _set_timeout(sock: socket.socket, seconds: float) -> None:
+    try:
+        sock.settimeout(seconds)
+    except OSError:  # already closed: nothing left to bound
+        pass
 
 
 def init_client_timeouts(app: Flask, seconds: float, respond: Respond) -> None:
     inner = app.wsgi_app
 
-    def bounded_input(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def bounded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         sock = environ.get("gunicorn.socket")
-        if isinstance(sock, socket.socket):
-            environ["wsgi.input"] = _DeadlineInput(environ["wsgi.input"], sock, time.monotonic() + seconds)
-        return inner(environ, start_response)  # type: ignore[no-any-return]
+        if not isinstance(sock, socket.socket):
+            return inner(environ, start_response)  # type: ignore[no-any-return]
+        _set_timeout(sock, seconds)
+        token = _WATCHDOG.watch(sock, time.monotonic() + seconds)
+        try:
+            return inner(environ, start_response)  # type: ignore[no-any-return]
+        finally:
+            # The body is read by now (or never will be); what remains is writing the answer,
+            # and each write must make progress within `seconds`.
+            _WATCHDOG.release(token)
+            _set_timeout(sock, seconds)
 
-    app.wsgi_app = bounded_input  # type: ignore[method-assign]
+    app.wsgi_app = bounded  # type: ignore[method-assign]
 
     @app.before_request
     def _read_body_in_time() -> Response | None:
@@ -96,12 +144,5 @@ def init_client_timeouts(app: Flask, seconds: float, respond: Respond) -> None:
         except ClientDisconnected:
             log.warning("%s %s: request body from %s not received within %gs", request.method,
                         sanitize(request.path, 100), request.remote_addr, seconds)
-            response = respond(RequestTimeout(f"request body not received within {seconds:g} seconds"))
-            # Where the next request would start on this connection is unknown: close it.
-            response.headers["Connection"] = "close"
-            return response
-        sock = request.environ.get("gunicorn.socket")
-        if isinstance(sock, socket.socket):
-            # From here on the socket is only written to: each write must progress in time.
-            sock.settimeout(seconds)
+            return respond(RequestTimeout(f"request body not received within {seconds:g} seconds"))
         return None
