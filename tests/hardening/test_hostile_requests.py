@@ -269,3 +269,33 @@ def test_hostile_request_gets_exact_error(open_server: LiveServer, case: Case) -
 def test_server_still_serves_after_the_hostile_cases(open_server: LiveServer) -> None:
     r = requests.post(open_server.url + "/api/chat", json={**OLLAMA_CHAT, "stream": False}, timeout=30)
     assert r.status_code == 200 and r.json()["message"]["content"] == "Hello from fallback-model"
+
+
+# --- prompt text that tries to forge log lines ------------------------------------------------------
+
+FORGED = "2026-01-01 00:00:00,000 ERROR [1] lemoe.server: FORGED admin login"
+INJECTIONS = {
+    "newline": f"weather\n{FORGED}",
+    "carriage-return": f"weather\r{FORGED}",
+    "crlf": f"weather\r\n{FORGED}",
+    "unicode-line-separator": f"weather\u2028{FORGED}",
+    "ansi-clear-screen": f"weather\x1b[2J\x1b[H{FORGED}",
+    "ansi-color": f"\x1b[31mweather\x1b[0m\n{FORGED}",
+    "osc-title": f"weather\x1b]0;pwned\x07\n{FORGED}",
+    "nul-and-bell": f"weather\x00\x07\n{FORGED}",
+    "c1-controls": f"weather\x85\x9b31m\n{FORGED}",
+}
+
+
+@pytest.mark.parametrize("route", ["/api/chat", "/v1/chat/completions"])
+@pytest.mark.parametrize("name", list(INJECTIONS))
+def test_prompt_cannot_forge_log_lines(open_server: LiveServer, route: str, name: str) -> None:
+    text = INJECTIONS[name]
+    body = {"model": f"lemoe\n{FORGED}", "messages": [{"role": "user", "content": text}], "stream": False}
+    r = requests.post(open_server.url + route, json=body, timeout=30)
+    assert r.status_code == 200
+    log = open_server.log_text()
+    assert "FORGED admin login" in log, "the text is logged (sanitised), not dropped"
+    for line in log.splitlines():
+        assert not line.startswith(FORGED), f"forged log line: {line!r}"
+    assert not any(ch in log for ch in "\x1b\x00\x07\x85\x9b\u2028\r")
