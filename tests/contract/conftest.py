@@ -68,6 +68,8 @@ def write_test_project(root: Path, upstream_url: str, closed_url: str) -> Path:
                    "log_file": "logs/lemoe.log"},
         "router": {"model_path": "", "categories_file": "config/experts.json"},
         "local_models": {"n_ctx": 1024, "n_threads": 2},
+        # The suite sends far more than 60 requests a minute from one IP; the limit has its own tests.
+        "rate_limit": {"per_minute": 0},
     }
     (root / "config" / "experts.json").write_text(json.dumps(experts, indent=2))
     path = root / "config" / "config.json"
