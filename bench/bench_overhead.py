@@ -3,6 +3,8 @@
 Every contender forwards to the same zero-latency stand-in upstream (its own process), which
 answers 20 pieces. "Added" is a contender's median latency minus the median of calling the
 upstream directly, at concurrency 1; at concurrency 16 the figure is requests per second.
+Each case also reports the CPU time the server's processes spent per request (user + system,
+all processes and threads), which is steadier than wall-clock figures on a shared machine.
 
     venv/bin/python -m bench.bench_overhead [--litellm PATH] [--workers N]
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.footprint import tree_pss_mib, tree_rss_mib
+from bench.footprint import tree_cpu_seconds, tree_pss_mib, tree_rss_mib
 from bench.load import LoadResult, Target, run_load
 from bench.servers import (
     OLLAMA_MODEL,
@@ -84,16 +86,23 @@ def check_answer(target: Target) -> None:
         raise RuntimeError(f"{target.base_url}{target.path}: {result.first_error}")
 
 
-def measure(target: Target, concurrency: int, budget: Budget) -> LoadResult:
+def measure(target: Target, concurrency: int, budget: Budget, pid: int) -> tuple[LoadResult, float]:
+    """The load result and the server's CPU milliseconds per answered request."""
     if concurrency == 1:
         run_load(target, concurrency=1, max_requests=budget.warmup_requests, max_seconds=10)
-        return run_load(target, concurrency=1, max_requests=budget.requests_c1, max_seconds=budget.seconds_c1)
-    run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.warmup_seconds_c16)
-    return run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.seconds_c16)
+        cpu_before = tree_cpu_seconds(pid)
+        result = run_load(target, concurrency=1, max_requests=budget.requests_c1, max_seconds=budget.seconds_c1)
+    else:
+        run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.warmup_seconds_c16)
+        cpu_before = tree_cpu_seconds(pid)
+        result = run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.seconds_c16)
+    cpu_ms = (tree_cpu_seconds(pid) - cpu_before) * 1000 / max(1, result.count)
+    return result, cpu_ms
 
 
-def summarize(result: LoadResult) -> dict[str, Any]:
+def summarize(result: LoadResult, cpu_ms: float) -> dict[str, Any]:
     return {
+        "cpu_ms_per_request": round(cpu_ms, 2),
         "count": result.count,
         "errors": result.errors,
         "first_error": result.first_error,
@@ -121,21 +130,21 @@ def start_contenders(upstream_url: str, workdir: Path, litellm_bin: Path | None,
 
 
 def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
-        budget: Budget = Budget()) -> dict[str, Any]:
+        budget: Budget = Budget(), skip_litellm: bool = False) -> dict[str, Any]:
     """Measure every case on every contender; returns the figures (also printed)."""
-    litellm_bin = find_litellm(litellm_path)
+    litellm_bin = None if skip_litellm else find_litellm(litellm_path)
     upstream = start_upstream(TOKENS)
     workdir = Path(tempfile.mkdtemp(prefix="lemoe-bench-"))
     figures: dict[str, Any] = {"cases": [], "servers": {}, "workers": workers, "threads": threads,
                                "litellm": str(litellm_bin) if litellm_bin else None}
     try:
         servers = start_contenders(upstream.url, workdir, litellm_bin, workers, threads)
-        bases = {"direct": upstream.url, **{name: s.url for name, s in servers.items()}}
+        contenders = {"direct": upstream, **servers}
         try:
             for route in ROUTES:
                 for stream in (False, True):
                     for concurrency in (1, 16):
-                        figures["cases"].append(measure_case(bases, route, stream, concurrency, budget))
+                        figures["cases"].append(measure_case(contenders, route, stream, concurrency, budget))
                         print_case(figures["cases"][-1])
             for name, server in servers.items():
                 figures["servers"][name] = {
@@ -151,14 +160,17 @@ def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
     return figures
 
 
-def measure_case(bases: dict[str, str], route: str, stream: bool, concurrency: int, budget: Budget) -> dict[str, Any]:
+def measure_case(contenders: dict[str, Server], route: str, stream: bool, concurrency: int,
+                 budget: Budget) -> dict[str, Any]:
+    """One case on every contender; "direct" is the upstream itself (its CPU is the upstream's)."""
     case: dict[str, Any] = {"route": route, "stream": stream, "concurrency": concurrency, "results": {}}
     for contender in CONTENDERS:
-        if contender not in bases:
+        server = contenders.get(contender)
+        if server is None:
             continue
-        target = target_for(contender, bases[contender], route, stream)
+        target = target_for(contender, server.url, route, stream)
         check_answer(target)
-        case["results"][contender] = summarize(measure(target, concurrency, budget))
+        case["results"][contender] = summarize(*measure(target, concurrency, budget, server.process.pid))
     direct = case["results"]["direct"]["p50_ms"]
     for name, result in case["results"].items():
         result["added_ms"] = round(result["p50_ms"] - direct, 3)
@@ -169,23 +181,25 @@ def _cell(case: dict[str, Any], contender: str) -> str:
     result = case["results"].get(contender)
     if result is None:
         return "not measured"
-    err = f" ({result['errors']} err)" if result["errors"] else ""
+    err = f" {result['errors']} ERR" if result["errors"] else ""
+    cpu = f"cpu {result['cpu_ms_per_request']:.2f}"
     if case["concurrency"] == 1:
         if contender == "direct":
-            return f"{result['p50_ms']:.2f} ms{err}"
-        return f"+{result['added_ms']:.2f} ms (p99 {result['p99_ms']:.1f}){err}"
-    return f"{result['rps']:.0f}/s (p99 {result['p99_ms']:.0f} ms){err}"
+            return f"{result['p50_ms']:.2f} ms ({cpu}){err}"
+        return f"+{result['added_ms']:.2f} ms (p99 {result['p99_ms']:.1f}, {cpu}){err}"
+    return f"{result['rps']:.0f}/s (p99 {result['p99_ms']:.0f}, {cpu}){err}"
 
 
 def print_case(case: dict[str, Any]) -> None:
     label = f"{case['route']:<6} {'stream' if case['stream'] else 'json  '} c={case['concurrency']:<2}"
-    cells = " | ".join(f"{_cell(case, c):<26}" for c in CONTENDERS)
+    cells = " | ".join(f"{_cell(case, c):<31}" for c in CONTENDERS)
     print(f"{label} | {cells}", flush=True)
 
 
 def print_header() -> None:
-    print("(b) added latency at c=1 (p50 minus direct p50), requests/s at c=16")
-    print(f"{'case':<19} | " + " | ".join(f"{c:<26}" for c in CONTENDERS), flush=True)
+    print("(b) c=1: added latency (p50 minus direct p50, ms); c=16: requests/s; "
+          "p99 in ms; cpu = server CPU ms per request")
+    print(f"{'case':<18} | " + " | ".join(f"{c:<31}" for c in CONTENDERS), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,10 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--litellm", help="path of LiteLLM's `litellm` proxy command (default: /work/bench_venv/bin/litellm)")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn/uvicorn workers for every contender")
     parser.add_argument("--threads", type=int, default=32, help="gunicorn threads for LeMoE and the relay")
+    parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's proxy out")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     print_header()
-    figures = run(args.litellm, args.workers, args.threads)
+    figures = run(args.litellm, args.workers, args.threads, skip_litellm=args.skip_litellm)
     print(json.dumps(figures["servers"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

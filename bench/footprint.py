@@ -1,4 +1,4 @@
-"""Memory of a whole server (the gunicorn master and all its workers), read from /proc.
+"""Memory and CPU time of a whole server (the gunicorn master and all its workers), from /proc.
 
 RSS counts pages shared between the master and its forked workers once per process, so the
 sum over-states the real use; PSS splits shared pages between their users and sums to what
@@ -7,6 +7,7 @@ the server costs the machine. Both are reported.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -56,3 +57,17 @@ def tree_rss_mib(pid: int) -> float:
 
 def tree_pss_mib(pid: int) -> float:
     return sum(_pss_kib(p) for p in tree_pids(pid)) / 1024
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time used so far by `pid` and its descendants (threads included)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: field 14 (utime) and 15 (stime) of proc(5) are at 11 and 12.
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks

@@ -73,6 +73,7 @@ def plot(results_path: Path, python: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--litellm", help="LiteLLM's `litellm` proxy command (default: /work/bench_venv/bin/litellm)")
+    parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's proxy out")
     parser.add_argument("--workers", type=int, default=1, help="server workers for LeMoE, the relay and LiteLLM")
     parser.add_argument("--plot-python", type=Path, default=DEFAULT_PLOT_PYTHON,
                         help="a Python with matplotlib, to draw bench/figures.png")
@@ -83,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, Python {platform.python_version()}",
+        # Other work on the machine moves every wall-clock figure: keep the load next to them.
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
     results["routing"] = bench_routing.run([REPO / "config" / "config.json"])
     bench_routing.print_rows(results["routing"])
     print()
     bench_overhead.print_header()
-    results["overhead"] = bench_overhead.run(args.litellm, args.workers)
+    results["overhead"] = bench_overhead.run(args.litellm, args.workers, skip_litellm=args.skip_litellm)
     print(f"start-up and memory after the load: {json.dumps(results['overhead']['servers'])}")
     if results["overhead"]["litellm"] is None:
         print("litellm proxy: not measured (no `litellm` command; pass --litellm PATH)")
@@ -101,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = target_checks(results)
     results["targets"] = [{"target": t, "measured": m, "met": ok} for t, m, ok in checks]
     print_targets(checks)
+    results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     results["seconds"] = round(time.monotonic() - started)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nfigures written to {args.out} ({results['seconds']} s)")
+    print(f"\nfigures written to {args.out} ({results['seconds']} s; load average before "
+          f"{results['load_average_before']}, after {results['load_average_after']})")
     plot(args.out, args.plot_python)
     return 0
 
