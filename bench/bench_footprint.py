@@ -38,7 +38,7 @@ def copy_default_project(root: Path) -> Path:
 
 def ask_fallback(base_url: str) -> tuple[float, str]:
     """Seconds for one short answer from the fallback expert, and which expert answered."""
-    body = {"model": "lemoe", "stream": False, "options": {"num_predict": 8},
+    body: dict[str, Any] = {"model": "lemoe", "stream": False, "options": {"num_predict": 8},
             "messages": [{"role": "user", "content": FALLBACK_QUESTION}]}
     started = time.perf_counter()
     response = requests.post(base_url + "/api/chat", json=body, timeout=120)

@@ -26,6 +26,7 @@ from bench.servers import (
     OPENAI_MODEL,
     Server,
     find_litellm,
+    litellm_version,
     start_bare_relay,
     start_lemoe,
     start_litellm,
@@ -136,7 +137,8 @@ def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
     upstream = start_upstream(TOKENS)
     workdir = Path(tempfile.mkdtemp(prefix="lemoe-bench-"))
     figures: dict[str, Any] = {"cases": [], "servers": {}, "workers": workers, "threads": threads,
-                               "litellm": str(litellm_bin) if litellm_bin else None}
+                               "litellm": str(litellm_bin) if litellm_bin else None,
+                               "litellm_version": litellm_version(litellm_bin) if litellm_bin else None}
     try:
         servers = start_contenders(upstream.url, workdir, litellm_bin, workers, threads)
         contenders = {"direct": upstream, **servers}
@@ -172,7 +174,7 @@ def measure_case(contenders: dict[str, Server], route: str, stream: bool, concur
         check_answer(target)
         case["results"][contender] = summarize(*measure(target, concurrency, budget, server.process.pid))
     direct = case["results"]["direct"]["p50_ms"]
-    for name, result in case["results"].items():
+    for result in case["results"].values():
         result["added_ms"] = round(result["p50_ms"] - direct, 3)
     return case
 

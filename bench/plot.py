@@ -13,7 +13,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PROXIES = ("bare relay", "lemoe", "litellm proxy")
 COLORS = {"direct": "#999999", "bare relay": "#4c72b0", "lemoe": "#55a868", "litellm proxy": "#c44e52"}

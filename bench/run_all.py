@@ -45,8 +45,8 @@ def target_checks(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ("added latency, non-streaming, c=1 <= 5 ms", f"{added_json:.2f} ms", added_json <= 5),
         ("added latency, 20-chunk stream, c=1 <= 6 ms", f"{added_stream:.2f} ms", added_stream <= 6),
         ("non-streaming at c=16 >= 400 req/s", f"{rps:.0f} req/s", rps >= 400),
-        ("256 concurrent streams, 0 errors", f"{streams['held']} held, {streams['peak_open']} at once, "
-         f"{streams['errors']} errors (threads={streams['threads']})",
+        ("256 concurrent streams, 0 errors", (f"{streams['held']} held, {streams['peak_open']} at once, "
+                                              f"{streams['errors']} errors (threads={streams['threads']})"),
          streams["errors"] == 0 and streams["peak_open"] >= 256),
         ("RSS of the whole server <= 400 MB (default config)",
          f"{footprint['idle_rss_mib']} MiB idle, {footprint['loaded_rss_mib']} MiB with the GGUF loaded",
@@ -66,7 +66,7 @@ def plot(results_path: Path, python: Path | None) -> None:
         print("plot: no Python with matplotlib given (--plot-python); bench/figures.png not updated")
         return
     done = subprocess.run([str(python), str(BENCH / "plot.py"), str(results_path), str(BENCH / "figures.png")],
-                          cwd=REPO)
+                          cwd=REPO, check=False)
     print("plot: bench/figures.png" if done.returncode == 0 else "plot: failed")
 
 

@@ -209,6 +209,17 @@ def find_litellm(path: str | None) -> Path | None:
     return None
 
 
+def litellm_version(binary: Path) -> str:
+    """The litellm package version of the venv the `litellm` command belongs to."""
+    python = binary.with_name("python")
+    try:
+        done = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                              capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return done.stdout.strip() or "?"
+
+
 def write_litellm_config(workdir: Path, upstream_url: str) -> Path:
     """Two models on the same stand-in: `writer` over OpenAI, `coder` over Ollama's /api/chat."""
     text = f"""model_list:

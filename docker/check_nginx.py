@@ -27,7 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.servers import Server, free_port, start_lemoe, start_upstream, stop_process, write_lemoe_project  # noqa: E402
+from bench.servers import (
+    Server,
+    free_port,
+    start_lemoe,
+    start_upstream,
+    stop_process,
+    write_lemoe_project,
+)
 
 PIECES = 20
 # Small enough to reach quickly; the stream checks spend STREAM_CHECKS of it first.
@@ -145,10 +152,10 @@ def check_shared_rate_limit(port: int, workdir: Path) -> None:
 
 def check_error_bodies(port: int) -> None:
     big = b"x" * (2 * 1024 * 1024)
-    status, headers, pieces = post(port, "/api/chat", big)
+    status, _, pieces = post(port, "/api/chat", big)
     body = json.loads(b"".join(p for _, p in pieces))
     check(status == 413 and isinstance(body["error"], str), f"2 MB body on /api/chat: {status} {body}")
-    status, headers, pieces = post(port, "/v1/chat/completions", big)
+    status, _, pieces = post(port, "/v1/chat/completions", big)
     body = json.loads(b"".join(p for _, p in pieces))
     check(status == 413 and body["error"]["type"] == "invalid_request_error", f"2 MB body on /v1: {status} {body}")
 
@@ -180,7 +187,8 @@ def main() -> int:
             replicas.append(start_lemoe(replica_config(project, upstream.url, redis_port), project))
         port = free_port()
         conf = loopback_nginx_conf(replicas, port, workdir)
-        tested = subprocess.run([nginx, "-t", "-c", str(conf), "-p", str(workdir)], capture_output=True, text=True)
+        tested = subprocess.run([nginx, "-t", "-c", str(conf), "-p", str(workdir)], capture_output=True, text=True,
+                                check=False)
         check(tested.returncode == 0, "nginx -t on the loopback copy")
         proxy = subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
