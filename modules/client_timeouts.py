@@ -123,11 +123,11 @@ def init_client_timeouts(app: Flask, seconds: float, respond: Respond) -> None:
     def bounded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         sock = environ.get("gunicorn.socket")
         if not isinstance(sock, socket.socket):
-            return inner(environ, start_response)  # type: ignore[no-any-return]
+            return inner(environ, start_response)
         _set_timeout(sock, seconds)
         token = _WATCHDOG.watch(sock, time.monotonic() + seconds)
         try:
-            return inner(environ, start_response)  # type: ignore[no-any-return]
+            return inner(environ, start_response)
         finally:
             # The body is read by now (or never will be); what remains is writing the answer,
             # and each write must make progress within `seconds`.

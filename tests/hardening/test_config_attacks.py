@@ -77,7 +77,8 @@ def test_ssrf_expert_url_is_refused_at_load(tmp_path: Path, url: str, reason: st
 def test_ssrf_applies_to_api_base_too(tmp_path: Path, field: str) -> None:
     extra = {"type": "api", "provider": "openai", "url": None} if field == "api_base" else {}
     message = config_error(tmp_path, [FALLBACK, expert(**{**extra, field: "http://2852039166/v1"})])
-    assert message.endswith(f"experts[1].{field}: points at a forbidden address (2852039166 resolves to 169.254.169.254)")
+    reason = "points at a forbidden address (2852039166 resolves to 169.254.169.254)"
+    assert message.endswith(f"experts[1].{field}: {reason}")
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:11434", "http://localhost:11434", "http://[::1]:8000/v1",

@@ -26,7 +26,8 @@ from tests.hardening.test_hostile_requests import assert_no_leak, expected_error
 FALLBACK_TEXT = "Hello from fallback-model"
 # Route -> (body builder, which upstream model the text routes to).
 ROUTES = {
-    "/api/chat": lambda text, stream: {"model": "lemoe", "messages": [{"role": "user", "content": text}], "stream": stream},
+    "/api/chat": lambda text, stream: {"model": "lemoe", "messages": [{"role": "user", "content": text}],
+                                       "stream": stream},
     "/api/generate": lambda text, stream: {"model": "lemoe", "prompt": text, "stream": stream},
     "/v1/chat/completions": lambda text, stream: {"messages": [{"role": "user", "content": text}], "stream": stream},
     "/v1/completions": lambda text, stream: {"prompt": text, "stream": stream},

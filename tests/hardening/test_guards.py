@@ -11,7 +11,7 @@ import json
 import pytest
 
 from tests.contract.conftest import LiveServer
-from tests.hardening.conftest import StartLemoe, call_from
+from tests.hardening.conftest import Reply, StartLemoe, call_from
 from tests.hardening.test_hostile_requests import assert_no_leak, expected_error
 
 LIMIT = 5
@@ -43,7 +43,7 @@ def exhaust(server: LiveServer, ip: str, path: str = "/api/tags") -> None:
         assert call_from(ip, server.url, "GET", path).status in (200, 404)
 
 
-def assert_rate_limited(reply, path: str) -> None:  # type: ignore[no-untyped-def]
+def assert_rate_limited(reply: Reply, path: str) -> None:
     assert reply.status == 429
     retry_after = int(reply.headers["retry-after"])
     assert 1 <= retry_after <= 60
@@ -193,7 +193,8 @@ def test_preflight_from_allowed_origin_is_answered_on_any_route(keyed: LiveServe
         allowed_headers = {h.strip().lower() for h in reply.headers["access-control-allow-headers"].split(",")}
         assert {"authorization", "content-type", "openai-beta", "x-stainless-os", "x-stainless-arch",
                 "x-stainless-retry-count", "x-stainless-timeout", "x-stainless-package-version"} <= allowed_headers
-        assert {"GET", "POST", "OPTIONS"} <= set(reply.headers["access-control-allow-methods"].replace(" ", "").split(","))
+        methods = set(reply.headers["access-control-allow-methods"].replace(" ", "").split(","))
+        assert {"GET", "POST", "OPTIONS"} <= methods
         assert reply.headers["access-control-max-age"] == "43200"
 
 
@@ -212,7 +213,8 @@ def test_disallowed_origin_is_refused_with_403(keyed: LiveServer, origin: str) -
 
 def test_allowed_origin_sees_answers_and_errors(keyed: LiveServer) -> None:
     origin = "http://localhost:5173"
-    ok = call_from("127.0.6.3", keyed.url, "POST", "/api/chat", {"Origin": origin, "Authorization": f"Bearer {API_KEY}"}, CHAT)
+    ok = call_from("127.0.6.3", keyed.url, "POST", "/api/chat",
+                   {"Origin": origin, "Authorization": f"Bearer {API_KEY}"}, CHAT)
     assert ok.status == 200 and ok.headers["access-control-allow-origin"] == origin
     assert "X-LeMoE-Expert" in ok.headers["access-control-expose-headers"]
     assert "Origin" in ok.headers["vary"]

@@ -244,7 +244,8 @@ for path in UNKNOWN_PATHS:
     shown = path.replace("%2e", ".")
     CASES += [Case(f"unknown-{method}-{slug(path)}", method, path, as_json(OPENAI_CHAT) if method == "POST" else None,
                    404, f"{method} {shown} not found") for method in ("GET", "POST")]
-WRONG_METHODS = {"/api/chat": ("GET", "PUT", "DELETE", "PATCH"), "/v1/chat/completions": ("GET", "PUT", "DELETE", "PATCH"),
+WRONG_METHODS = {"/api/chat": ("GET", "PUT", "DELETE", "PATCH"),
+                 "/v1/chat/completions": ("GET", "PUT", "DELETE", "PATCH"),
                  "/api/generate": ("GET",), "/api/show": ("GET",), "/v1/completions": ("GET",), "/v1/route": ("GET",),
                  "/api/tags": ("POST", "DELETE"), "/v1/models": ("POST", "DELETE"), "/api/version": ("POST",),
                  "/api/ps": ("POST",), "/": ("POST", "DELETE")}

@@ -28,7 +28,8 @@ def app_with(config: RateLimitConfig) -> Flask:
 def test_limit_is_per_client_and_shared_by_routes() -> None:
     client = app_with(RateLimitConfig(per_minute=2)).test_client()
     a = {"REMOTE_ADDR": "10.0.0.1"}
-    assert [client.get("/work", environ_base=a).status_code, client.post("/work", environ_base=a).status_code] == [200, 200]
+    assert client.get("/work", environ_base=a).status_code == 200
+    assert client.post("/work", environ_base=a).status_code == 200
     refused = client.get("/work", environ_base=a)
     assert refused.status_code == 429 and refused.json == {"error": "rate limit exceeded: 2 requests per minute; "
                                                                     f"retry in {refused.headers['Retry-After']}s"}
@@ -46,7 +47,8 @@ def test_zero_turns_the_limit_off() -> None:
 def test_forwarded_for_is_used_only_behind_trusted_proxies() -> None:
     spoofed = {"REMOTE_ADDR": "10.0.0.9"}
     headers = {"X-Forwarded-For": "203.0.113.5"}
-    assert app_with(RateLimitConfig()).test_client().get("/work", headers=headers, environ_base=spoofed).text == "10.0.0.9"
+    untrusted = app_with(RateLimitConfig()).test_client()
+    assert untrusted.get("/work", headers=headers, environ_base=spoofed).text == "10.0.0.9"
     trusted = app_with(RateLimitConfig(trusted_proxies=1)).test_client()
     assert trusted.get("/work", headers=headers, environ_base=spoofed).text == "203.0.113.5"
 
