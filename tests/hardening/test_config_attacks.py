@@ -128,3 +128,21 @@ def test_categories_file_is_confined_to_the_project(tmp_path: Path, categories_f
 def test_api_key_in_place_of_its_env_name_is_refused(tmp_path: Path) -> None:
     message = config_error(tmp_path, [FALLBACK, expert(type="openai", api_key_env="sk-live-123")])
     assert message.endswith("experts[1].api_key_env: must be the NAME of an environment variable, not a key")
+
+
+@pytest.mark.parametrize("log_file", ["../escape.log", "/var/log/lemoe.log", "logs/../../escape.log"])
+def test_log_file_is_confined_to_the_project(tmp_path: Path, log_file: str) -> None:
+    import logging
+
+    from modules.config_manager import ServerConfig
+    from modules.logger import LOGGER_NAME, setup_logging
+
+    logger = logging.getLogger(LOGGER_NAME)
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        with pytest.raises(ValueError, match="is outside"):
+            setup_logging(ServerConfig(log_file=log_file), tmp_path)
+    finally:
+        # setup_logging reconfigures the process-wide logger: put it back for the other tests.
+        logger.handlers[:], logger.propagate, logger.level = saved[0], saved[1], saved[2]
+    assert not (tmp_path.parent / "escape.log").exists()
