@@ -1,7 +1,8 @@
 """(a) How long one routing decision takes, for the router each configuration builds.
 
 The router is built exactly as the server builds it (`modules.router_factory.build_router`)
-from a config file (default: config/config.json), and called in-process: no HTTP, no logging.
+from each config file (default: config/config.json, then the example expert sets in
+config/examples/), and called in-process: no HTTP, no logging.
 
     venv/bin/python -m bench.bench_routing [--config config/config.json ...]
 """
@@ -44,6 +45,11 @@ def queries() -> dict[str, list[str]]:
     }
 
 
+def routing_configs() -> list[Path]:
+    """The default configuration, then the larger example expert sets shipped in config/examples."""
+    return [REPO / "config" / "config.json", *sorted((REPO / "config" / "examples").glob("*_config.json"))]
+
+
 def time_decisions(route: Any, turns: list[str], max_calls: int, max_seconds: float) -> tuple[list[float], Any]:
     """Per-call seconds of `route(turns)`, after a few warm-up calls."""
     decision = None
@@ -69,6 +75,7 @@ def run(config_paths: list[Path], max_calls: int = 5000, max_seconds: float = 3.
             samples, decision = time_decisions(router.route, turns, max_calls, max_seconds)
             rows.append({
                 "config": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
+                "experts": len(config.experts),
                 "router": type(router).__name__,
                 "build_ms": round(build_ms, 1),
                 "query": name,
@@ -82,9 +89,10 @@ def run(config_paths: list[Path], max_calls: int = 5000, max_seconds: float = 3.
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print("(a) routing decision latency, in-process")
-    print(f"{'router':<16} {'query':<38} {'p50':>9} {'p99':>9}  decision")
+    print(f"{'router (config, experts)':<52} {'query':<38} {'p50':>9} {'p99':>9}  decision")
     for row in rows:
-        print(f"{row['router']:<16} {row['query']:<38} {row['p50_us']:>7.1f}us {row['p99_us']:>7.1f}us  {row['decision']}")
+        who = f"{row['router']} ({Path(row['config']).name}, {row['experts']})"
+        print(f"{who:<52} {row['query']:<38} {row['p50_us']:>7.1f}us {row['p99_us']:>7.1f}us  {row['decision']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", type=Path, help="config.json whose router to time (repeatable)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    rows = run([p.resolve() for p in args.config or [REPO / "config" / "config.json"]])
+    rows = run([p.resolve() for p in args.config or routing_configs()])
     print_rows(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         # Other work on the machine moves every wall-clock figure: keep the load next to them.
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
     }
-    results["routing"] = bench_routing.run([REPO / "config" / "config.json"])
+    results["routing"] = bench_routing.run(bench_routing.routing_configs())
     bench_routing.print_rows(results["routing"])
     print()
     bench_overhead.print_header()
