@@ -190,8 +190,19 @@ def run_requests(base: str, plans: list[Planned], concurrency: int, deadline: fl
 
 def memory_line(label: str, server: Server) -> str:
     pids = tree_pids(server.process.pid)
+    each = " + ".join(f"{own_rss_mib(pid):.0f}" for pid in pids)
     return (f"{label:<14} RSS {tree_rss_mib(server.process.pid):7.1f} MiB  PSS {tree_pss_mib(server.process.pid):7.1f} "
-            f"MiB  ({len(pids)} processes: master + {len(pids) - 1} workers)")
+            f"MiB  (master + {len(pids) - 1} workers: {each} MiB)")
+
+
+def own_rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def print_report(results: list[tuple[Planned, str]], elapsed: float, memory: list[str]) -> int:
