@@ -44,7 +44,7 @@ def target_checks(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return [
         ("added latency, non-streaming, c=1 <= 5 ms", f"{added_json:.2f} ms", added_json <= 5),
         ("added latency, 20-chunk stream, c=1 <= 6 ms", f"{added_stream:.2f} ms", added_stream <= 6),
-        ("non-streaming at c=16 >= 400 req/s", f"{rps:.0f} req/s", rps >= 400),
+        ("non-streaming at c=16 >= 400 req/s", f"{rps:.1f} req/s", rps >= 400),
         ("256 concurrent streams, 0 errors", (f"{streams['held']} held, {streams['peak_open']} at once, "
                                               f"{streams['errors']} errors (threads={streams['threads']})"),
          streams["errors"] == 0 and streams["peak_open"] >= 256),
