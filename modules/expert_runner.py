@@ -145,7 +145,7 @@ class ExpertRunner:
                 close()
         if expert.id != self._fallback.id:
             self._health.record_success(expert.label)
-        log.info("expert '%s' answered in %.2fs", expert.label, time.monotonic() - started)
+        log.debug("expert '%s' answered in %.2fs", expert.label, time.monotonic() - started)
 
     def _record_failure(self, expert: ExpertConfig, exc: ExpertError) -> None:
         # The fallback is never benched: with it gone there would be nobody left to answer.

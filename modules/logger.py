@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import re
 from pathlib import Path
 
@@ -27,8 +30,17 @@ def sanitize(text: str, max_len: int = 200) -> str:
     return text
 
 
+_listener: logging.handlers.QueueListener | None = None
+
+
 def setup_logging(server: ServerConfig, project_dir: Path) -> logging.Logger:
-    """Configure the `lemoe` logger once per process (idempotent, safe under test re-use)."""
+    """Configure the `lemoe` logger once per process (idempotent, safe under test re-use).
+
+    Request threads only put records on a queue; one listener thread formats and writes them,
+    so a slow disk or terminal never adds to a request's latency.
+    """
+    global _listener
+    stop_logging()
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(server.log_level)
     logger.propagate = False
@@ -36,16 +48,31 @@ def setup_logging(server: ServerConfig, project_dir: Path) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter(_FORMAT)
-    stream = logging.StreamHandler()
-    stream.setFormatter(formatter)
-    logger.addHandler(stream)
+    outputs: list[logging.Handler] = [logging.StreamHandler()]
     if server.log_file:
         path = resolve_inside(project_dir, server.log_file, "log_file")
         path.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path, encoding="utf-8")
-        file_handler.setFormatter(formatter)
-        logger.addHandler(file_handler)
+        outputs.append(logging.FileHandler(path, encoding="utf-8"))
+    for output in outputs:
+        output.setFormatter(formatter)
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    logger.addHandler(logging.handlers.QueueHandler(records))
+    _listener = logging.handlers.QueueListener(records, *outputs, respect_handler_level=False)
+    _listener.start()
     return logger
+
+
+def stop_logging() -> None:
+    """Flush the queued records and stop the writer thread (at exit, or before re-configuring)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        for output in _listener.handlers:
+            output.close()
+        _listener = None
+
+
+atexit.register(stop_logging)
 
 
 def get_logger(name: str = "") -> logging.Logger:

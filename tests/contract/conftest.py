@@ -65,7 +65,10 @@ def write_test_project(root: Path, upstream_url: str, closed_url: str) -> Path:
     }
     config = {
         "server": {"host": "127.0.0.1", "threads": 16, "connect_timeout": 1, "read_timeout": READ_TIMEOUT,
-                   "log_file": "logs/lemoe.log"},
+                   "log_file": "logs/lemoe.log",
+                   # These tests break the same experts on purpose many times in a row; benching
+                   # them would hide what each test checks. The cool-down has its own tests.
+                   "expert_cooldown_seconds": 0},
         "router": {"model_path": "", "categories_file": "config/experts.json"},
         "local_models": {"n_ctx": 1024, "n_threads": 2},
         # The suite sends far more than 60 requests a minute from one IP; the limit has its own tests.
