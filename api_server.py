@@ -37,7 +37,8 @@ log = get_logger("server")
 def create_app(config: AppConfig | None = None) -> Flask:
     config = config or _config_from_environment()
     setup_logging(config.server, config.project_dir)
-    app = Flask(__name__)
+    # No static folder: every URL is in the route table below, nothing is served from disk.
+    app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
     app.extensions["lemoe"] = build_services(config)
     register_routes(app)
@@ -47,7 +48,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     init_cors(app, config.cors, _error_response)
     init_rate_limit(app, config.rate_limit, _error_response)
     init_api_keys(app, config.auth, config.project_dir, _error_response)
-    init_client_timeouts(app, client_timeout_from_environment(), _error_response)
+    init_client_timeouts(app, client_timeout_from_environment(default=config.server.client_timeout), _error_response)
     log.info("LeMoE ready: %d experts, router=%s", len(config.experts), type(app.extensions["lemoe"].router).__name__)
     return app
 

@@ -34,7 +34,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import ClientDisconnected
 
-from modules.errors import RequestError
+from modules.errors import RequestError, RequestTimeout
 from modules.logger import get_logger, sanitize
 
 log = get_logger("clients")
@@ -45,18 +45,16 @@ CLIENT_TIMEOUT_ENV = "LEMOE_CLIENT_TIMEOUT"
 Respond = Callable[[RequestError], Response]
 
 
-class RequestTimeout(RequestError):
-    status_code = 408
-
-
-def client_timeout_from_environment(environ: dict[str, str] | None = None) -> float:
-    """$LEMOE_CLIENT_TIMEOUT in seconds (default 30); an unusable value means the default."""
+def client_timeout_from_environment(
+    environ: dict[str, str] | None = None, default: float = DEFAULT_CLIENT_TIMEOUT
+) -> float:
+    """$LEMOE_CLIENT_TIMEOUT in seconds if set and usable, else `default` (server.client_timeout)."""
     raw = (os.environ if environ is None else environ).get(CLIENT_TIMEOUT_ENV, "")
     try:
         value = float(raw)
     except ValueError:
-        return DEFAULT_CLIENT_TIMEOUT
-    return value if 0 < value < 86400 else DEFAULT_CLIENT_TIMEOUT
+        return default
+    return value if 0 < value < 86400 else default
 
 
 class _BodyWatchdog:

@@ -40,6 +40,7 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a remote expert.")
     read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for an expert's next chunk.")
+    client_timeout: float = Field(30.0, gt=0, lt=86400, description="Seconds a client has to send its body or take a chunk.")
     log_file: str = Field("logs/lemoe.log", description="Log file under the project ('' = stderr only).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     expert_failures_before_cooldown: int = Field(3, ge=1, description="Failures in a row that bench an expert.")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from flask import Flask, Response, request
 
 from modules.config_manager import CorsConfig
-from modules.errors import RequestError
+from modules.errors import Forbidden, RequestError
 from modules.logger import get_logger, sanitize
 
 log = get_logger("cors")
@@ -39,10 +39,6 @@ BROWSER_EXTENSION_SCHEMES = ("chrome-extension://", "safari-extension://", "moz-
 MAX_AGE_SECONDS = 12 * 3600
 
 Respond = Callable[[RequestError], Response]
-
-
-class OriginNotAllowed(RequestError):
-    status_code = 403
 
 
 def default_origins() -> list[str]:
@@ -81,7 +77,7 @@ def init_cors(app: Flask, cors: CorsConfig, respond: Respond) -> None:
         if not is_origin_allowed(origin, patterns):
             log.warning("refused %s %s from origin %s", request.method, sanitize(request.path, 100),
                         sanitize(origin, 100))
-            return respond(OriginNotAllowed(f"origin '{sanitize(origin, 100)}' is not allowed"))
+            return respond(Forbidden(f"origin '{sanitize(origin, 100)}' is not allowed"))
         if request.method == "OPTIONS":
             return _preflight_response()
         return None

@@ -4,9 +4,11 @@
     ├── RequestError                  the client's request cannot be served (4xx/5xx to the client)
     │   ├── InvalidRequest      400
     │   ├── Unauthorized        401
+    │   ├── Forbidden           403   e.g. a browser origin CORS does not allow
     │   ├── UnknownModel        404
     │   ├── NotFound            404   unknown route
     │   ├── MethodNotAllowed    405
+    │   ├── RequestTimeout      408   the client did not send its body in time
     │   ├── BodyTooLarge        413
     │   ├── RateLimited         429
     │   └── ServiceUnavailable  503   not even the fallback expert could answer
@@ -47,6 +49,10 @@ class Unauthorized(RequestError):
     code = "invalid_api_key"
 
 
+class Forbidden(RequestError):
+    status_code = 403
+
+
 class UnknownModel(RequestError):
     status_code = 404
     code = "model_not_found"
@@ -58,6 +64,10 @@ class NotFound(RequestError):
 
 class MethodNotAllowed(RequestError):
     status_code = 405
+
+
+class RequestTimeout(RequestError):
+    status_code = 408
 
 
 class BodyTooLarge(RequestError):

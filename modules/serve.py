@@ -30,6 +30,9 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
             "timeout": 120,
             "graceful_timeout": 10,
             "keepalive": 5,
+            # gunicorn's control socket lives at one path per user; several servers on one
+            # machine (replicas, tests) would fight over it, and LeMoE does not use it.
+            "control_socket_disable": True,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
