@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -99,7 +100,8 @@ def open_direct(model_path: Path, args: argparse.Namespace) -> tuple[float, Call
             messages=[{"role": "user", "content": PROMPT}], stream=True, max_tokens=args.tokens,
             temperature=0.0, seed=42,
         )
-        return timed_pieces((c["choices"][0]["delta"].get("content") or "" for c in chunks), sent)  # type: ignore[union-attr, index]
+        pieces = (str(c["choices"][0]["delta"].get("content") or "") for c in chunks)  # type: ignore[union-attr, index]
+        return timed_pieces(pieces, sent)
 
     return load_seconds, one_answer, llm.close
 
@@ -162,7 +164,7 @@ def open_lemoe(url: str, args: argparse.Namespace) -> tuple[float, Callable[[], 
     load_seconds = time.perf_counter() - started
     if probe.json().get("done_reason") != "load":
         raise RuntimeError(f"load request failed: {probe.text}")
-    body = {"model": "smollm", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
+    body: dict[str, Any] = {"model": "smollm", "messages": [{"role": "user", "content": PROMPT}], "stream": True,
             "options": {"num_predict": args.tokens, "temperature": 0, "seed": 42}}
 
     def one_answer() -> Stream:

@@ -117,14 +117,18 @@ def build_backends(config: AppConfig, pool: ModelPool) -> dict[int, Backend]:
         attach_model_stats(config, pool)
     backends: dict[int, Backend] = {}
     for expert in config.experts:
-        try:
-            backends[expert.id] = BACKEND_BUILDERS[expert.type](expert, config, pool)
-        except Exception as exc:  # a broken expert must not stop the others from serving
-            log.warning("expert '%s' unavailable at start-up: %s", expert.label, exc)
-            backends[expert.id] = _Unavailable(str(exc))
-        if isinstance(backends[expert.id], _Unavailable):
-            log.warning("expert '%s' will fall back: %s", expert.label, backends[expert.id].reason)  # type: ignore[union-attr]
+        backend = _build_or_stand_in(expert, config, pool)
+        if isinstance(backend, _Unavailable):
+            log.warning("expert '%s' is unavailable and will fall back: %s", expert.label, backend.reason)
+        backends[expert.id] = backend
     return backends
+
+
+def _build_or_stand_in(expert: ExpertConfig, config: AppConfig, pool: ModelPool) -> Backend:
+    try:
+        return BACKEND_BUILDERS[expert.type](expert, config, pool)
+    except Exception as exc:  # a broken expert must not stop the others from serving
+        return _Unavailable(str(exc))
 
 
 def attach_model_stats(config: AppConfig, pool: ModelPool) -> None:

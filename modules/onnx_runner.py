@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnxruntime_genai as og
+import onnxruntime_genai as og  # type: ignore[import-untyped]
 
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, Usage
 from modules.config_manager import ExpertConfig, LocalModelsConfig
@@ -135,9 +135,9 @@ class OnnxBackend:
 
     def preload(self, keep_alive: float | None = None) -> None:
         """Load the model without generating (Ollama's empty-prompt "load" request)."""
-        with map_onnx_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-            with self._pool.lease(self.pool_key, self._load, keep_alive):
-                pass
+        with map_onnx_errors(ExpertUnavailable, f"loading {self.pool_key}"), \
+                self._pool.lease(self.pool_key, self._load, keep_alive):
+            pass
 
     def unload(self) -> bool:
         """Unload the model now, or when its running answers end (Ollama's keep_alive 0 probe)."""

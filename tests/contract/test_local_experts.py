@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -401,4 +401,4 @@ def test_expiry_times_are_rfc3339_with_a_timezone(pool: Server) -> None:
     _generate(pool, "gguf1")
     [entry] = _ps(pool)
     assert datetime.fromisoformat(entry["expires_at"]).tzinfo is not None
-    assert datetime.fromisoformat(entry["expires_at"]) > datetime.now(timezone.utc)
+    assert datetime.fromisoformat(entry["expires_at"]) > datetime.now(UTC)

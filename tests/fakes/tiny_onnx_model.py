@@ -15,6 +15,7 @@ model.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def _successors() -> np.ndarray:
     """next_token[t] for every token t: any token leads into ANSWER, whose last byte leads to EOS."""
     answer = list(ANSWER.encode("utf-8"))
     nxt = np.full(VOCAB_SIZE, answer[0], dtype=np.int64)
-    for here, there in zip(answer, answer[1:], strict=False):
+    for here, there in itertools.pairwise(answer):
         nxt[here] = there
     nxt[answer[-1]] = EOS_ID
     return nxt

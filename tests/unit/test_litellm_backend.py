@@ -12,9 +12,21 @@ from types import ModuleType
 
 import pytest
 
-from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ToolCallDelta
+from modules.chat_types import (
+    ChatEvent,
+    ChatRequest,
+    Done,
+    Message,
+    TextDelta,
+    ToolCallDelta,
+)
 from modules.config_manager import ExpertConfig, ServerConfig
-from modules.errors import ExpertStreamBroken, ExpertTimeout, ExpertUnavailable, InvalidRequest
+from modules.errors import (
+    ExpertStreamBroken,
+    ExpertTimeout,
+    ExpertUnavailable,
+    InvalidRequest,
+)
 from modules.litellm_backend import (
     LOCAL_COST_MAP_ENV,
     ApiBackend,
@@ -256,7 +268,7 @@ def _imports_after_building_backends(experts: list[dict[str, object]], tmp_path:
         "build_backends(config, ModelPool(3, 300))\n"
         "print(json.dumps({m: m in sys.modules for m in ('litellm', 'onnxruntime_genai', 'llama_cpp')}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
                          env={**os.environ, "LEMOE_TEST_API_KEY": "k"})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from modules.model_pool import ModelPool
-from modules.model_stats import ModelCounts, ModelStats, read_stats_file, write_json_atomic
+from modules.model_stats import (
+    ModelCounts,
+    ModelStats,
+    read_stats_file,
+    write_json_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
