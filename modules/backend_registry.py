@@ -156,8 +156,11 @@ def apply_load_probe(backend: Backend, keep_alive: float | None) -> bool:
     """Ollama's empty load request: keep_alive 0 unloads the expert's model, anything else loads it
     (and sets how long it stays). False when the backend has no local model to steer.
 
-    Raises `ServiceUnavailable` when the model cannot be loaded.
+    Raises `ServiceUnavailable` when the model cannot be loaded (or its backend could not even
+    be built).
     """
+    if isinstance(backend, _Unavailable) and keep_alive != 0:
+        raise ServiceUnavailable("the model could not be loaded")
     if not isinstance(backend, LocalModelBackend):
         return False
     if keep_alive == 0:
