@@ -282,3 +282,36 @@ def test_litellm_is_imported_only_when_an_api_expert_is_configured(tmp_path: Pat
     assert without == {"litellm": False, "onnxruntime_genai": False, "llama_cpp": False}
     with_api = _imports_after_building_backends([remote, api], tmp_path / "with")
     assert with_api["litellm"] is True
+
+
+_NO_OUTSIDE_SCRIPT = """
+import json, socket, sys
+outside = []
+real_getaddrinfo = socket.getaddrinfo
+
+def loopback_only(host, *args, **kwargs):
+    if host not in ("127.0.0.1", "localhost", "::1", None):
+        outside.append(host)
+        raise OSError("outside connections are blocked in this test")
+    return real_getaddrinfo(host, *args, **kwargs)
+
+socket.getaddrinfo = loopback_only
+from modules.chat_types import ChatRequest, Message
+from modules.config_manager import ExpertConfig, ServerConfig
+from modules.litellm_backend import ApiBackend, import_litellm
+litellm = import_litellm()
+expert = ExpertConfig(id=1, label="a", type="api", provider="openai", model_name="m", api_base=sys.argv[1] + "/v1")
+request = ChatRequest(model="a", messages=[Message(role="user", content="hi")])
+events = list(ApiBackend(expert, ServerConfig(), "k", litellm).stream_chat(request))
+print(json.dumps({"outside": outside, "events": len(events)}))
+"""
+
+
+def test_litellm_reaches_nothing_outside_at_import_or_on_a_request(fake_upstream: FakeUpstream) -> None:
+    # A plain `import litellm` fetches its cost map from the internet (and retries with sleeps).
+    env = {k: v for k, v in os.environ.items() if k != LOCAL_COST_MAP_ENV}
+    out = subprocess.run([sys.executable, "-c", _NO_OUTSIDE_SCRIPT, fake_upstream.url], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"outside": [], "events": 4}
