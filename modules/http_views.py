@@ -14,6 +14,7 @@ from typing import Any
 
 from flask import Response, current_app, request
 
+from modules import metrics
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
@@ -90,17 +91,20 @@ def answer_chat(req: ChatRequest, *, stream_format: Formatter, body_format: Form
     decision = decide_route(svc, req)
     expert = _expert_by_id(svc.config, decision.expert_id)
     headers = _route_headers(decision)
+    started = time.perf_counter()
     if req.stream:
         run = svc.runner.start(expert, req)
+        close = metrics.observe_stream(expert, run, started)
         headers["X-LeMoE-Expert"] = run.expert.label
-        return Response(_closing(stream_format(run.events), run.close), mimetype=mimetype,
+        return Response(_closing(stream_format(run.events), close), mimetype=mimetype,
                         headers={**headers, **_STREAM_HEADERS})
-    answered_by, events, _cause = svc.runner.collect(expert, req)
+    answered_by, events, cause = svc.runner.collect(expert, req)
+    metrics.observe_answer(expert, answered_by, cause, started)
     headers["X-LeMoE-Expert"] = answered_by.label
     return json_response(body_format(events), headers=headers)
 
 
-def decide_route(svc: Services, req: ChatRequest) -> RouteDecision:
+def decide_route(svc: Services, req: ChatRequest, *, dry_run: bool = False) -> RouteDecision:
     choice = svc.catalog.choose(req.model)
     started = time.perf_counter()
     if choice.expert is not None:
@@ -108,6 +112,7 @@ def decide_route(svc: Services, req: ChatRequest) -> RouteDecision:
     else:
         decision = svc.router.route(req.user_texts())
     elapsed_ms = (time.perf_counter() - started) * 1000
+    metrics.record_route(decision, elapsed_ms / 1000, dry_run=dry_run)
     last = req.user_texts()[-1] if req.user_texts() else ""
     log.info("route expert=%s method=%s score=%.3f in %.1fms model=%s text=%r", decision.label,
              decision.method, decision.score, elapsed_ms, sanitize(req.model or "", 64), sanitize(last))
@@ -279,7 +284,7 @@ def openai_completions() -> Response:
 def lemoe_route() -> Response:
     """Dry run: the routing decision for a chat-completions body, without generating."""
     req = openai.chat_request_from_openai(read_json_body())
-    decision = decide_route(services(), req)
+    decision = decide_route(services(), req, dry_run=True)
     return json_response({
         "expert": decision.label,
         "expert_id": decision.expert_id,
