@@ -15,6 +15,7 @@ from typing import Any
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from modules import health, metrics, web_ui
 from modules import http_views as views
 from modules.api_keys import init_api_keys
 from modules.client_timeouts import client_timeout_from_environment, init_client_timeouts
@@ -28,7 +29,9 @@ from modules.errors import (
     NotFound,
     RequestError,
 )
+from modules.hot_reload import watch_config
 from modules.logger import get_logger, setup_logging
+from modules.model_pool import ModelPool
 from modules.rate_limit import init_rate_limit
 
 log = get_logger("server")
@@ -49,18 +52,21 @@ def create_app(config: AppConfig | None = None) -> Flask:
     init_rate_limit(app, config.rate_limit, _error_response)
     init_api_keys(app, config.auth, config.project_dir, _error_response)
     init_client_timeouts(app, client_timeout_from_environment(default=config.server.client_timeout), _error_response)
+    metrics.init_metrics(app)
+    watch_config(app, rebuild_services)
     log.info("LeMoE ready: %d experts, router=%s", len(config.experts), type(app.extensions["lemoe"].router).__name__)
     return app
 
 
-def build_services(config: AppConfig) -> views.Services:
+def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Services:
+    """Router, runner and catalog for `config`, around `pool` (a new one when None)."""
     from modules.expert_runner import build_runner
     from modules.model_catalog import ModelCatalog
-    from modules.model_pool import ModelPool
     from modules.router_factory import build_router
 
-    pool = ModelPool(config.local_models.max_loaded_models, config.local_models.model_ttl_seconds)
-    pool.start_reaper(interval=min(30.0, max(1.0, config.local_models.model_ttl_seconds / 4)))
+    if pool is None:
+        pool = ModelPool(config.local_models.max_loaded_models, config.local_models.model_ttl_seconds)
+        pool.start_reaper(interval=min(30.0, max(1.0, config.local_models.model_ttl_seconds / 4)))
     return views.Services(
         config=config,
         router=build_router(config),
@@ -68,6 +74,15 @@ def build_services(config: AppConfig) -> views.Services:
         catalog=ModelCatalog(config),
         pool=pool,
     )
+
+
+def rebuild_services(config: AppConfig, running: views.Services) -> views.Services:
+    """Services for a reloaded `config` that keep the running model pool, so loaded models stay;
+    its new limits apply from the next load or eviction on."""
+    services = build_services(config, pool=running.pool)
+    running.pool.max_loaded = config.local_models.max_loaded_models
+    running.pool.ttl_seconds = config.local_models.model_ttl_seconds
+    return services
 
 
 def register_routes(app: Flask) -> None:
@@ -87,6 +102,12 @@ def register_routes(app: Flask) -> None:
     add("/v1/completions", "openai_completions", views.openai_completions, methods=["POST"])
     # LeMoE
     add("/v1/route", "lemoe_route", views.lemoe_route, methods=["POST"])
+    # Operations: probes (free of the rate limit and API keys), metrics, the tuning page
+    add("/health", "health", health.health, methods=["GET"])
+    add("/ready", "ready", health.ready, methods=["GET"])
+    add("/metrics", "metrics", metrics.serve_metrics, methods=["GET"])
+    add("/ui", "web_ui", web_ui.ui_page, methods=["GET"])
+    add("/ui/state", "web_ui_state", web_ui.ui_state, methods=["GET"])
 
 
 def _is_openai_path(path: str) -> bool:

@@ -2,15 +2,26 @@
 
 Long streams hold a thread each, so the `gthread` worker is used: a sync worker would block
 every other request behind one slow answer.
+
+Metrics from several workers: each worker is its own process, so prometheus-client runs in
+multiprocess mode. Before any worker starts, the master sets $PROMETHEUS_MULTIPROC_DIR (the
+operator's folder if set, else a new temporary folder removed at exit) and empties it of an
+earlier run's files; when a worker exits, its live gauges are dropped (`child_exit`), while its
+counters stay in the totals, as counters must.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from modules.config_manager import AppConfig
+from modules.metrics import MULTIPROC_ENV
 
 
 class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
@@ -33,6 +44,7 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
             # gunicorn's control socket lives at one path per user; several servers on one
             # machine (replicas, tests) would fight over it, and LeMoE does not use it.
             "control_socket_disable": True,
+            "child_exit": _forget_dead_worker,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)
@@ -43,5 +55,39 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self._config)
 
 
+def _forget_dead_worker(server: Any, worker: Any) -> None:
+    # Imported here, in the master, only once $PROMETHEUS_MULTIPROC_DIR is set.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def prepare_metrics_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[Path, bool]:
+    """The folder for the workers' metric files, set in `environ` and emptied of stale files.
+
+    Returns the folder and whether it was created here (and so should be removed at exit).
+    Must run before prometheus_client is imported in this process: it reads the variable once.
+    """
+    configured = environ.get(MULTIPROC_ENV)
+    if configured:
+        folder = Path(configured)
+        folder.mkdir(parents=True, exist_ok=True)
+        # Counts of an earlier run would otherwise be added to this one's.
+        for stale in folder.glob("*.db"):
+            stale.unlink(missing_ok=True)
+        return folder, False
+    folder = Path(tempfile.mkdtemp(prefix="lemoe-metrics-"))
+    environ[MULTIPROC_ENV] = str(folder)
+    return folder, True
+
+
 def serve_with_gunicorn(config: AppConfig) -> None:
-    _LeMoEGunicorn(config).run()
+    folder, created = prepare_metrics_dir()
+    master = os.getpid()
+    try:
+        _LeMoEGunicorn(config).run()
+    finally:
+        # Workers are forked inside run() and leave through here too (SystemExit): only the
+        # master may remove the folder the other workers still write to.
+        if created and os.getpid() == master:
+            shutil.rmtree(folder, ignore_errors=True)
