@@ -13,6 +13,11 @@ On a change the files are loaded again with `load_config`, the one validator:
   model pool, so loaded local models survive, and swapped in with one assignment. A request
   reads the services once when it starts, so it finishes on the set it started with.
 
+A worker also compares the files with its configuration once when it starts (`catch_up`): the
+gunicorn master loads the configuration once and forks every worker with that copy, so a worker
+booted after an edit, or one gunicorn starts to replace a dead worker, would otherwise serve the
+configuration of the server's start.
+
 The old runner is closed once a request that picked it up just before the swap has had time to
 get its first answer (connect + read timeout). Closing it does not cut streams still running on
 it: an HTTP expert's close only drops its idle pooled connections, a streaming response keeps its
@@ -110,14 +115,42 @@ class ConfigWatcher:
         config = self._services(app).config
         self._paths = watched_paths(config)
         self._stamps = stamp_files(self._paths)
-        # The files' own restart-only settings (before command-line overrides), to tell an edit
-        # of them from an override; loaded lazily, off the start-up path.
+        # The configuration as the files said it at the last load, before command-line
+        # overrides: an edit of a start-up-only setting is told from an override against it.
         self._file_config: AppConfig | None = None
         self._retired: list[tuple[float, ExpertRunner]] = []
         self._lock = threading.Lock()
 
     def start(self, interval: float = POLL_SECONDS) -> None:
         threading.Thread(target=self._poll, args=(interval,), name="lemoe-config-watcher", daemon=True).start()
+
+    def catch_up(self) -> bool | None:
+        """Load the files once and serve them if they differ from the running configuration.
+
+        The gunicorn master loads the configuration once and forks workers with that copy, so
+        a worker started after an edit (a late boot, a replacement for a dead worker) would
+        otherwise serve the configuration of the server's start. Runs first in the polling
+        thread, off the start-up path. Returns like `check`.
+        """
+        with self._lock:
+            app = self._app()
+            if app is None:
+                return None
+            running = self._services(app)
+            # Stamped before loading: an edit that lands meanwhile is seen by the next check.
+            self._stamps = stamp_files(self._paths)
+            try:
+                fresh = load_config(running.config.config_path, running.config.project_dir)
+            except ConfigError as exc:
+                log.error("the configuration files are invalid; still serving the configuration loaded at "
+                          "start-up:\n%s", exc)
+                self._file_config = running.config
+                record_config_reload(app, ok=False)
+                return False
+            self._file_config = fresh
+            if config_with_running_settings(fresh, running.config) == running.config:
+                return None
+            return self._swap(app, running, fresh)
 
     def check(self) -> bool | None:
         """Reload if a watched file changed: True reloaded, False refused (invalid), None unchanged."""
@@ -134,25 +167,18 @@ class ConfigWatcher:
             return self._reload()
 
     def _poll(self, interval: float) -> None:
-        self._remember_file_config()
+        try:
+            self.catch_up()
+        except Exception:
+            log.exception("config watcher start failed")
         while self._app() is not None:
+            time.sleep(interval)
             try:
                 self.check()
             except Exception:  # the watcher must outlive one bad round; the server keeps serving
                 log.exception("config watcher round failed")
-            time.sleep(interval)
         with self._lock:
             self._close_retired(everything=True)
-
-    def _remember_file_config(self) -> None:
-        app = self._app()
-        if app is None or self._file_config is not None:
-            return
-        running = self._services(app).config
-        try:
-            self._file_config = load_config(running.config_path, running.project_dir)
-        except ConfigError:
-            self._file_config = running  # already edited into an invalid state: check() will say so
 
     def _reload(self) -> bool:
         app = self._app()
@@ -166,6 +192,9 @@ class ConfigWatcher:
             record_config_reload(app, ok=False)
             return False
         self._warn_restart_only_changes(running.config, fresh)
+        return self._swap(app, running, fresh)
+
+    def _swap(self, app: Flask, running: Services, fresh: AppConfig) -> bool:
         config = config_with_running_settings(fresh, running.config)
         try:
             new = self._rebuild(config, running)
@@ -176,8 +205,9 @@ class ConfigWatcher:
         app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
         get_logger().setLevel(config.server.log_level)
         app.extensions[_SERVICES] = new
-        self._paths = watched_paths(config)
-        self._stamps = stamp_files(self._paths)
+        paths = watched_paths(config)
+        if paths != self._paths:  # the experts file moved (router.categories_file)
+            self._paths, self._stamps = paths, stamp_files(paths)
         self._retired.append((self._clock() + retire_grace_seconds(running.config), running.runner))
         record_config_reload(app, ok=True)
         log.info("configuration reloaded from %s and %s: %d experts (%s)", *self._paths, len(config.experts),
@@ -185,8 +215,7 @@ class ConfigWatcher:
         return True
 
     def _warn_restart_only_changes(self, running: AppConfig, fresh: AppConfig) -> None:
-        before = self._file_config or running
-        changed = changes_needing_restart(before, fresh)
+        changed = changes_needing_restart(self._file_config or running, fresh)
         self._file_config = fresh
         if changed:
             log.warning("%s changed in %s: needs restart (the running values stay in effect until then)",
