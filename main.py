@@ -1,16 +1,21 @@
 """LeMoE on the command line.
 
-    python main.py                 chat on stdin: each line is routed and answered; prints the expert
-    python main.py route "text"    print the routing decision with every expert's score
-    python main.py --config FILE   use another config.json (any subcommand)
+    python main.py                      chat on stdin: each line is routed and answered; prints the expert
+    python main.py route "text"         print the routing decision with every expert's score
+    python main.py eval DATA.jsonl      measure the router on labelled rows (--json, --plot)
+    python main.py calibrate DATA.jsonl --out NEW_CONFIG.json   tune the confidence on labelled rows
+    python main.py train DATA.jsonl --out models/NAME           fine-tune a classifier router
+    python main.py --config FILE        use another config.json (any subcommand)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from modules.chat_types import ChatRequest, Message, TextDelta
 from modules.config_manager import AppConfig, load_config
@@ -35,6 +40,126 @@ def _route(config: AppConfig, texts: Sequence[str], as_json: bool) -> int:
     print("scores:")
     for label, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
         print(f"  {label:<24} {score:.4f} {'#' * round(score * 40)}")
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    """A one-line progress bar on stderr, redrawn about 50 times a run."""
+    if total >= 200 and (done == total or done % max(1, total // 50) == 0):
+        filled = round(30 * done / total)
+        print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
+
+def _eval(config: AppConfig, data: str, json_out: str | None, plot_out: str | None, limit: int | None) -> int:
+    from modules.generic_router import KeywordRouter
+    from modules.route_eval import eval_report, read_rows, route_rows
+    from modules.router_factory import build_router
+
+    rows = read_rows(Path(data))[:limit]
+    experts = [e.label for e in config.experts if e.id != 0]
+    fallback = config.fallback_expert.label
+    labels = [*experts, fallback]
+    routed = route_rows(rows, build_router(config).route, experts, fallback, _progress)
+    keyword_only = route_rows(rows, KeywordRouter(config.experts, config.router).route, experts, fallback)
+    report = eval_report(routed, labels, fallback, keyword_only)
+    print(format_report(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    if plot_out:
+        _plot_confusion(report, Path(plot_out))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    """The eval report as the text table `main.py eval` prints."""
+    lines = [
+        f"rows {report['n']}   accuracy {report['accuracy']:.1%}   macro-F1 {report['macro_f1']:.3f}   "
+        f"fallback P {report['fallback']['precision']:.2f} R {report['fallback']['recall']:.2f}",
+        f"decision latency p50 {report['latency_ms']['p50']:.2f} ms   p99 {report['latency_ms']['p99']:.2f} ms",
+        "baselines: " + "   ".join(f"{k} {v:.1%}" if "f1" not in k else f"{k} {v:.3f}"
+                                   for k, v in report["baselines"].items()),
+        "methods: " + ", ".join(f"{k} {v}" for k, v in report["methods"].items()),
+        "",
+        f"{'expert':<20} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}",
+    ]
+    for label, m in report["per_expert"].items():
+        lines.append(f"{label:<20} {m['precision']:>9.2f} {m['recall']:>7.2f} {m['f1']:>6.2f} {m['support']:>8}")
+    lines += ["", "confusion (rows: expected, columns: routed to)"]
+    labels = report["labels"]
+    width = max(6, *(len(label[:10]) for label in labels))
+    lines.append(" " * 20 + "".join(f"{label[:10]:>{width + 1}}" for label in labels))
+    for label, row in zip(labels, report["confusion"]):
+        lines.append(f"{label:<20}" + "".join(f"{n:>{width + 1}}" for n in row))
+    if report["worst_misroutes"]:
+        lines += ["", "worst misroutes (most confident first):"]
+        for m in report["worst_misroutes"]:
+            lines.append(f"  {m['expected']} -> {m['got']} ({m['method']} {m['score']:.2f}): {m['text'][:90]!r}")
+    return "\n".join(lines)
+
+
+def _plot_confusion(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, matrix = report["labels"], report["confusion"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(labels), 0.8 + 0.5 * len(labels)))
+    image = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("expected")
+    ax.set_title(f"accuracy {report['accuracy']:.1%}, fallback recall {report['fallback']['recall']:.0%}")
+    peak = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            if n:
+                ax.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                        color="white" if n > peak / 2 else "black")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _calibrate(config: AppConfig, data: str, out: str, recall: float) -> int:
+    from modules.embedding_router import EmbeddingRouter
+    from modules.route_eval import calibrate, calibrated_config, calibration_json, read_rows
+    from modules.router_factory import build_router
+
+    router = build_router(config)
+    if not isinstance(router, EmbeddingRouter):
+        print("calibrate needs the embedding router (router.model_path set, mode generic)", file=sys.stderr)
+        return 2
+    calibration = calibrate(router, read_rows(Path(data)), target_fallback_recall=recall)
+    out_path = Path(out).resolve()
+    readout = out_path.with_suffix(".calibration.json")
+    try:
+        readout_rel = str(readout.relative_to(config.project_dir))
+    except ValueError:
+        print(f"--out must be inside the project folder {config.project_dir}", file=sys.stderr)
+        return 2
+    _write_atomically(readout, json.dumps(calibration_json(calibration, router.anchors.labels)))
+    raw = json.loads(config.config_path.read_text(encoding="utf-8"))
+    raw.setdefault("router", {})["categories_file"] = str(config.experts_path.relative_to(config.project_dir))
+    _write_atomically(out_path, json.dumps(calibrated_config(raw, calibration, readout_rel), indent=4))
+    print(f"confidence_threshold {calibration.confidence_threshold:.3f}; wrote {out_path} and {readout}")
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _train(data: str, out: str, base: str | None, epochs: int, limit: int | None) -> int:
+    from modules.classifier_training import train_classifier
+
+    summary = train_classifier(Path(data), Path(out), base_model=base, epochs=epochs, limit=limit)
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
@@ -89,7 +214,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     route = sub.add_parser("route", help="show the routing decision for a text")
     route.add_argument("texts", nargs="+", help="user messages, oldest first (the last one is the new one)")
     route.add_argument("--json", action="store_true", help="print the decision as JSON")
+    ev = sub.add_parser("eval", help="measure the router on labelled JSONL rows {text, label, context?}")
+    ev.add_argument("data")
+    ev.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    ev.add_argument("--plot", dest="plot_out", help="also draw the confusion matrix as a PNG here")
+    ev.add_argument("--limit", type=int, help="only the first N rows")
+    cal = sub.add_parser("calibrate", help="tune the embedding router's confidence on labelled rows")
+    cal.add_argument("data")
+    cal.add_argument("--out", required=True, help="new config.json to write (inside the project)")
+    cal.add_argument("--fallback-recall", type=float, default=0.6, help="fallback recall to aim for")
+    tr = sub.add_parser("train", help="fine-tune a classifier router on labelled rows {text, label}")
+    tr.add_argument("data")
+    tr.add_argument("--out", required=True, help="model folder to write, e.g. models/my-router")
+    tr.add_argument("--base", help="base model (HF id or folder; default: packaged all-MiniLM-L6-v2)")
+    tr.add_argument("--epochs", type=int, default=3)
+    tr.add_argument("--limit", type=int, help="only the first N rows")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        return _train(args.data, args.out, args.base, args.epochs, args.limit)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -97,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "route":
         return _route(config, args.texts, args.json)
+    if args.command == "eval":
+        return _eval(config, args.data, args.json_out, args.plot_out, args.limit)
+    if args.command == "calibrate":
+        return _calibrate(config, args.data, args.out, args.fallback_recall)
     return _chat_loop(config)
 
 

@@ -80,6 +80,12 @@ class RouterConfig(_Strict):
     scoring_weights: ScoringWeights = Field(default_factory=ScoringWeights)
     context_messages: int = Field(3, ge=1, le=20, description="User messages joined for the cascade.")
     context_max_chars: int = Field(1600, ge=16, description="Cap on the joined cascade text.")
+    scoring: Literal["standardized", "reference"] = Field(
+        "standardized", description="Embedding confidence: standardised with a 'none' option, or the reference softmax.")
+    oos_score: float = Field(2.0, description="Standardised score of the 'none of these experts' option.")
+    standardized_temperature: float = Field(0.5, gt=0, description="Softmax temperature over standardised scores.")
+    calibration_file: str = Field("", description="Read-out written by `main.py calibrate` ('' = none).")
+    calibrated_oos_gate: float = Field(0.7, ge=0, le=1, description="'none' share that overrides the read-out.")
 
 
 class LocalModelsConfig(_Strict):
@@ -386,6 +392,11 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
         experts_path = resolve_inside(project, cfg.router.categories_file, "categories_file")
     except ValueError as exc:
         raise ConfigError(f"{cfg_path}: router.categories_file: {exc}") from exc
+    if cfg.router.calibration_file:
+        try:
+            resolve_inside(project, cfg.router.calibration_file, "calibration_file")
+        except ValueError as exc:
+            raise ConfigError(f"{cfg_path}: router.calibration_file: {exc}") from exc
     raw_experts = _read_json(experts_path)
     if not isinstance(raw_experts, dict):
         raise ConfigError(f"{experts_path}: the top level must be a JSON object")

@@ -228,22 +228,13 @@ class EmbeddingSettings:
 
 
 def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
-    """The new settings from `config`, defaulting each one RouterConfig does not define yet."""
-    defaults = EmbeddingSettings()
+    """The embedding router's own settings, read from the validated router config."""
     return EmbeddingSettings(
-        scoring=getattr(config, "scoring", defaults.scoring),
-        oos_score=float(getattr(config, "oos_score", defaults.oos_score)),
-        standardized_temperature=float(
-            getattr(
-                config, "standardized_temperature", defaults.standardized_temperature
-            )
-        ),
-        calibration_file=str(
-            getattr(config, "calibration_file", defaults.calibration_file)
-        ),
-        calibrated_oos_gate=float(
-            getattr(config, "calibrated_oos_gate", defaults.calibrated_oos_gate)
-        ),
+        scoring=config.scoring,
+        oos_score=config.oos_score,
+        standardized_temperature=config.standardized_temperature,
+        calibration_file=config.calibration_file,
+        calibrated_oos_gate=config.calibrated_oos_gate,
     )
 
 

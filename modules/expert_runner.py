@@ -105,8 +105,11 @@ class ExpertRunner:
         for backend in self._backends.values():
             backend.close()
 
-    def _backend(self, expert: ExpertConfig) -> Backend:
+    def backend_for(self, expert: ExpertConfig) -> Backend:
+        """The backend serving `expert` (for load/unload probes, which run no answer)."""
         return self._backends[expert.id]
+
+    _backend = backend_for
 
     def _primed(self, expert: ExpertConfig, request: ChatRequest) -> Iterator[ChatEvent]:
         events = self._watched(expert, request)
@@ -124,7 +127,7 @@ class ExpertRunner:
         events: Iterator[ChatEvent] | None = None
         try:
             # Called in here so that a backend failing as it starts counts like any other failure.
-            events = self._backend(expert).stream_chat(request_for_expert(expert, request))
+            events = self.backend_for(expert).stream_chat(request_for_expert(expert, request))
             for event in events:
                 done = isinstance(event, Done)
                 yield event

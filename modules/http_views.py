@@ -151,7 +151,7 @@ def answer_load_probe(req: ChatRequest, kind: str) -> Response:
     expert = svc.catalog.choose(req.model).expert
     if expert is not None and expert.type == "local":
         # ExpertRunner has no public accessor for an expert's backend yet.
-        apply_load_probe(svc.runner._backend(expert), req.keep_alive)
+        apply_load_probe(svc.runner.backend_for(expert), req.keep_alive)
     return json_response(ollama.ollama_load_response(req.model or "", kind, unload=req.keep_alive == 0))
 
 

@@ -20,11 +20,17 @@ class Router(Protocol):
 
 
 def build_router(config: AppConfig) -> Router:
-    from modules.generic_router import KeywordRouter
-    from modules.logger import get_logger
+    """keyword-only when `model_path` is "", the classifier for mode "model" / router_type
+    "classification", else the hybrid embedding router."""
+    if config.router.model_path and (config.router.mode == "model" or config.router.router_type == "classification"):
+        from pathlib import Path
 
-    if config.router.model_path:
-        get_logger("router").warning(
-            "router.model_path '%s' is set, but this release routes with keywords only", config.router.model_path)
+        from modules.decision_router import DecisionRouter
 
-    return KeywordRouter(config.experts, config.router)
+        model_dir = Path(config.router.model_path)
+        if not model_dir.is_absolute():
+            model_dir = config.project_dir / model_dir
+        return DecisionRouter(config.experts, config.router, model_dir)
+    from modules.embedding_router import build_embedding_router
+
+    return build_embedding_router(config)

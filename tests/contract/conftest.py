@@ -97,7 +97,7 @@ def wait_until_serving(url: str, process: subprocess.Popen[bytes], log_path: Pat
         try:
             if requests.get(url + "/", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # the port may accept before the app answers
             pass
         time.sleep(0.1)
     process.kill()

@@ -24,7 +24,7 @@ def run_main(*args: str, stdin: str = "", project: Path | None = None) -> subpro
 def test_route_prints_decision_with_every_score() -> None:
     out = run_main("route", "Escribe un script en Python para listar archivos")
     assert out.returncode == 0, out.stderr
-    assert "expert: programador" in out.stdout and "method: keyword" in out.stdout
+    assert "expert: programador" in out.stdout and "method: embedding" in out.stdout
     for label in ("programador", "sysadmin", "traductor"):
         assert label in out.stdout
 
