@@ -72,7 +72,7 @@ class ScoringWeights(_Strict):
 class RouterConfig(_Strict):
     mode: Literal["generic", "model"] = Field("generic", description="generic: experts.json; model: trained classifier.")
     router_type: Literal["embedding", "classification"] = Field("embedding", description="Router kind.")
-    model_path: str = Field("", description="HF id or local path of the router model; '' = keywords only.")
+    model_path: str = Field("use-multilingual", description="Router model: use-multilingual, pkg:, HF id or path; '' = keywords only.")
     categories_file: str = Field("config/experts.json", description="experts.json, inside the project.")
     confidence_threshold: float = Field(0.4, ge=0, le=1, description="Minimum score to accept a route.")
     keyword_fallback: bool = Field(True, description="Use keyword + fuzzy matching as a later step.")

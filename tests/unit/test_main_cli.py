@@ -62,3 +62,51 @@ def test_chat_loop_answers_each_line_and_names_the_expert(tmp_path: Path) -> Non
     # The second line routes to "coder", whose server is down: the fallback answers silently.
     assert len(answers) == 2 and all(a.startswith("[fallback] ") for a in answers)
     assert all(len(a) > len("[fallback] ") for a in answers)
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [
+    {"text": "write a python function to sort a list", "label": "programador"},
+    {"text": "my javascript code throws an undefined error", "label": "programador"},
+    {"text": "restart nginx on my linux server", "label": "sysadmin"},
+    {"text": "how do I check disk usage from the terminal", "label": "sysadmin"},
+    {"text": "translate 'good morning' into French", "label": "traductor"},
+    {"text": "¿cómo se dice gato en inglés?", "label": "traductor"},
+    {"text": "what's a good name for my cat", "label": "pets"},
+    {"text": "make it shorter", "label": "programador", "context": ["write a python script that renames files"]},
+]
+
+
+def test_eval_prints_and_writes_the_report(tmp_path: Path) -> None:
+    data = write_rows(tmp_path / "rows.jsonl", ROWS)
+    out = run_main("eval", str(data), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "c.png"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == len(ROWS)
+    assert set(report["per_expert"]) == {"programador", "sysadmin", "traductor", "fallback"}
+    assert report["per_expert"]["fallback"]["support"] == 1  # "pets" names no expert
+    assert {"always_fallback", "keyword_only"} <= set(report["baselines"])
+    assert report["latency_ms"]["p99"] >= report["latency_ms"]["p50"] > 0
+    assert 0 <= report["accuracy"] <= 1 and "accuracy" in out.stdout and "confusion" in out.stdout
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_writes_a_config_that_eval_accepts(tmp_path: Path) -> None:
+    import shutil
+
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "experts.json", tmp_path / "config" / "experts.json")
+    (tmp_path / "config" / "config.json").write_text(json.dumps({"server": {"log_file": ""}}))
+    data = write_rows(tmp_path / "rows.jsonl", ROWS * 3)
+    out = run_main("--config", str(tmp_path / "config" / "config.json"), "calibrate", str(data),
+                   "--out", str(tmp_path / "config" / "calibrated.json"), project=tmp_path)
+    assert out.returncode == 0, out.stderr
+    written = json.loads((tmp_path / "config" / "calibrated.json").read_text())
+    assert written["router"]["calibration_file"] == "config/calibrated.calibration.json"
+    assert (tmp_path / "config" / "calibrated.calibration.json").exists()
+    again = run_main("--config", str(tmp_path / "config" / "calibrated.json"), "eval", str(data), project=tmp_path)
+    assert again.returncode == 0, again.stderr
