@@ -39,7 +39,7 @@ header { display: flex; align-items: baseline; justify-content: space-between; g
 h1 { margin: 0; font-size: 1.3rem; } h1 span { color: var(--muted); font-weight: 400; font-size: .95rem; }
 h2 { margin: 0 0 .75rem; font-size: 1.05rem; }
 main { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 1.25rem; padding: 1.25rem 1.5rem;
-       max-width: 1200px; margin: 0 auto; }
+       max-width: 1200px; margin: 0 auto; align-items: start; }
 @media (max-width: 860px) { main { grid-template-columns: 1fr; } }
 .card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 1rem 1.1rem; }
 .muted, .hint, .status { color: var(--muted); font-size: .85rem; font-weight: 400; }
@@ -84,7 +84,7 @@ const KEY = "lemoe-api-key";
 const METHODS = {
   keyword: "the last message matched its keywords",
   cascade: "the last few messages together matched its keywords",
-  fallback: "no expert matched well enough: the fallback expert answers",
+  fallback: "no single expert matched well enough: the fallback expert answers",
   direct: "the request named this expert",
 };
 let experts = [];
