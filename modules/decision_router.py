@@ -1,0 +1,238 @@
+"""The classifier router (`router.mode: "model"` or `router.router_type: "classification"`).
+
+A fine-tuned Hugging Face sequence-classification model reads the last user message and gives a
+probability per class. Its classes are matched to experts by name (`id2label` against expert
+labels); a class that names no configured expert (CLINC's `oos`, say) stands for "none of the
+specialists" and its probability goes to the fallback expert, as does that of a class named like
+the fallback expert itself. A model none of whose classes names a specialist is refused when the
+router is built.
+
+The chain is the reference's, with the embedding router's guard against off-topic questions:
+1. the last message: a specialist whose probability reaches `confidence_threshold` wins
+   ("classification");
+2. the last `context_messages` user messages joined (newest kept, `context_max_chars`) scored the
+   same way ("cascade");
+3. the keyword + fuzzy stage of generic_router, accepted at half the threshold ("keyword");
+4. the fallback expert ("fallback").
+When the model itself is sure that no specialist fits (the out-of-scope classes reach the
+threshold), steps 2 and 3 are skipped: earlier turns and a stray keyword must not pull a new,
+unrelated question to a specialist. A message that reads as a follow-up ("make it shorter")
+still gets the cascade.
+
+`python main.py train` (modules/classifier_training.py) makes such a model; any other model
+folder with the right labels works too. torch and transformers are imported when this router is
+built, never by the default configuration. Nothing is downloaded: the folder must be complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modules.chat_types import RouteDecision, RouteMethod
+from modules.config_manager import ExpertConfig, RouterConfig
+from modules.embedding_router import is_follow_up
+from modules.generic_router import (
+    FALLBACK_EXPERT_ID,
+    KeywordRouter,
+    clip_message,
+    join_recent_user_texts,
+)
+
+logger = logging.getLogger("lemoe.router")
+
+# Tokens the model reads per text. Cost grows with length (MiniLM-L6 on one core: about 5 ms at
+# 16 tokens, 25 ms at 128), and the instruction of a long message is at its head or its tail,
+# so longer texts keep their first and last MAX_TOKENS / 2 tokens.
+MAX_TOKENS = 128
+# Torch threads for inference. One request is one small forward pass, where splitting the work
+# between cores costs more than it saves (on this 2-core VM two threads were several times
+# slower than one), and the server runs many requests side by side.
+INFERENCE_THREADS = 1
+# Characters kept before tokenising: bounds tokenizer cost for a pasted megabyte while leaving
+# far more than MAX_TOKENS tokens at each end.
+MAX_TOKENIZED_CHARS = 4000
+
+
+def class_labels_from_model_dir(model_dir: Path) -> list[str]:
+    """The model's class names by class id, read from its config.json (without loading it)."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"router model folder {model_dir} has no config.json (expected a Hugging Face model folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        id2label = {int(k): str(v) for k, v in config["id2label"].items()}
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise ValueError(f"router model {config_path}: no readable id2label ({type(exc).__name__})") from exc
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"router model {config_path}: id2label ids are not 0..{len(id2label) - 1}")
+    return [id2label[i] for i in range(len(id2label))]
+
+
+def experts_for_classes(class_labels: Sequence[str], experts: Sequence[ExpertConfig]) -> list[str]:
+    """The expert label each class routes to: its namesake, else the fallback expert.
+
+    Raises ValueError when no class names a specialist: such a model could only ever answer
+    "fallback", which is a configuration mistake (a model trained for other experts).
+    """
+    fallback = next(e.label for e in experts if e.id == FALLBACK_EXPERT_ID)
+    specialists = {e.label for e in experts if e.id != FALLBACK_EXPERT_ID}
+    mapped = [label if label in specialists else fallback for label in class_labels]
+    if all(label == fallback for label in mapped):
+        raise ValueError(
+            f"none of the router model's labels ({', '.join(class_labels)}) names a configured expert "
+            f"({', '.join(sorted(specialists))})"
+        )
+    return mapped
+
+
+def class_to_expert_matrix(class_experts: Sequence[str], expert_labels: Sequence[str]) -> np.ndarray:
+    """A (classes x experts) 0/1 matrix: class probabilities @ it = expert probabilities."""
+    matrix = np.zeros((len(class_experts), len(expert_labels)), dtype=np.float32)
+    for i, label in enumerate(class_experts):
+        matrix[i, expert_labels.index(label)] = 1.0
+    return matrix
+
+
+def head_tail_ids(ids: Sequence[int], max_tokens: int) -> list[int]:
+    """At most `max_tokens` token ids: the first and last halves of a longer sequence.
+
+    The special tokens a tokenizer puts at both ends ([CLS] ... [SEP]) survive the cut.
+    """
+    if len(ids) <= max_tokens:
+        return list(ids)
+    head = max_tokens // 2
+    return [*ids[:head], *ids[len(ids) - (max_tokens - head) :]]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One scored text: the best expert, its probability, every expert's probability."""
+
+    label: str
+    probability: float
+    scores: dict[str, float]
+
+
+class DecisionRouter:
+    """Routes with a fine-tuned sequence-classification model, then the reference's chain."""
+
+    def __init__(
+        self,
+        experts: Sequence[ExpertConfig],
+        router_config: RouterConfig,
+        model_dir: Path,
+        *,
+        threads: int = INFERENCE_THREADS,
+        max_tokens: int = MAX_TOKENS,
+    ) -> None:
+        fallback = next((e for e in experts if e.id == FALLBACK_EXPERT_ID), None)
+        if fallback is None:
+            raise ValueError("the fallback expert (id 0) is missing")
+        model_dir = Path(model_dir)
+        # Labels are checked before torch is even imported: a wrong folder fails fast.
+        class_labels = class_labels_from_model_dir(model_dir)
+        class_experts = experts_for_classes(class_labels, experts)
+        self._fallback = fallback
+        self._ids = {e.label: e.id for e in experts}
+        self._config = router_config
+        self._max_tokens = max_tokens
+        self.expert_labels: tuple[str, ...] = tuple(e.label for e in experts)
+        self._to_experts = class_to_expert_matrix(class_experts, self.expert_labels)
+        self._keywords = KeywordRouter(experts, router_config)
+        self._tokenizer, self._model = _load_model(model_dir, threads)
+        if self._model.config.num_labels != len(class_labels):
+            raise ValueError(f"router model {model_dir}: config.json and the model disagree on the number of labels")
+        _warn_about_label_mismatches(class_labels, experts, fallback.label)
+
+    def probabilities(self, texts: Sequence[str]) -> np.ndarray:
+        """Each expert's probability (columns in `expert_labels` order) for a batch of texts."""
+        import torch
+
+        encoded = self._tokenizer([clip_message(t, MAX_TOKENIZED_CHARS) for t in texts])["input_ids"]
+        batch = self._tokenizer.pad(
+            {"input_ids": [head_tail_ids(ids, self._max_tokens) for ids in encoded]}, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            logits = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            class_probs = torch.softmax(logits.float(), dim=-1).numpy()
+        expert_probs: np.ndarray = class_probs @ self._to_experts
+        return expert_probs
+
+    def route(self, user_texts: Sequence[str]) -> RouteDecision:
+        """Choose an expert for the conversation whose user turns are `user_texts`."""
+        last = user_texts[-1] if user_texts else ""
+        if not last.strip():
+            # Nothing for the model to read: the keyword router has the same rule for this.
+            return self._keywords.route(user_texts)
+        threshold = self._config.confidence_threshold
+        step = self._score(last)
+        if step.label != self._fallback.label and step.probability >= threshold:
+            return self._decision(step, "classification", None)
+        out_of_scope = step.label == self._fallback.label and step.probability >= threshold
+        count = self._config.context_messages
+        context = None
+        # Without an earlier message in the window the cascade would re-read the last message.
+        if any(t.strip() for t in user_texts[-count:-1]) and (not out_of_scope or is_follow_up(last)):
+            context = join_recent_user_texts(user_texts, count, self._config.context_max_chars)
+            context_step = self._score(context)
+            if context_step.label != self._fallback.label and context_step.probability >= threshold:
+                return self._decision(context_step, "cascade", context)
+        if self._config.keyword_fallback and not out_of_scope:
+            keyword_decision = self._keywords.route(user_texts)
+            if keyword_decision.expert_id != self._fallback.id:
+                return keyword_decision
+        return RouteDecision(
+            self._fallback.id,
+            self._fallback.label,
+            step.scores[self._fallback.label],
+            "fallback",
+            step.scores,
+            context,
+        )
+
+    def _score(self, text: str) -> _Step:
+        probs = self.probabilities([text])[0]
+        best = int(np.argmax(probs))
+        scores = {label: float(p) for label, p in zip(self.expert_labels, probs)}
+        return _Step(self.expert_labels[best], float(probs[best]), scores)
+
+    def _decision(self, step: _Step, method: RouteMethod, context: str | None) -> RouteDecision:
+        return RouteDecision(self._ids[step.label], step.label, step.probability, method, step.scores, context)
+
+
+def _load_model(model_dir: Path, threads: int) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    # The head/tail cut happens after tokenising, so its "longer than 512 tokens" warning is moot.
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    # Process-wide, like the USE encoder's single BLAS thread (see INFERENCE_THREADS).
+    torch.set_num_threads(threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+    except OSError as exc:
+        raise ValueError(f"router model {model_dir} could not be loaded: {exc}") from exc
+    model.eval()
+    return tokenizer, model
+
+
+def _warn_about_label_mismatches(class_labels: Sequence[str], experts: Sequence[ExpertConfig], fallback: str) -> None:
+    # Both are legitimate (an "oos" class; an expert reached by keywords only) but worth a line
+    # at start-up, since a typo in a label silently turns a class into "fallback".
+    known = set(class_labels)
+    to_fallback = [label for label in class_labels if label != fallback and label not in {e.label for e in experts}]
+    if to_fallback:
+        logger.info("router model classes routed to the fallback expert: %s", ", ".join(to_fallback))
+    unreachable = [e.label for e in experts if e.id != FALLBACK_EXPERT_ID and e.label not in known]
+    if unreachable:
+        logger.warning("experts the router model has no class for (reachable by keywords only): %s", ", ".join(unreachable))

@@ -1,0 +1,162 @@
+"""Fine-tuning a classifier router: the packaged base, the training run, the saved folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modules.classifier_training import (
+    TRAINING_SUMMARY_FILE,
+    class_labels,
+    class_weights,
+    learning_rate_factor,
+    packaged_base_model,
+    sample_rows,
+    train_classifier,
+)
+
+SUBJECTS = {
+    "banking": ["my account balance", "a wire transfer", "my savings account", "the routing number", "a bank deposit"],
+    "travel": ["a flight to Rome", "a hotel in Lisbon", "my passport", "a rental car", "my luggage"],
+    "kitchen": ["a pasta recipe", "the oven temperature", "baking bread", "a salad dressing", "grilling fish"],
+    "oos": ["the moon landing", "jazz history", "a chess opening", "volcano facts", "the tallest tree"],
+}
+ASKS = ["Tell me about {}", "I have a question on {}", "Help me with {}", "What should I know about {}"]
+
+
+def labelled_rows() -> list[dict[str, Any]]:
+    """80 rows, 20 per label, sorted by label as labelled files often are."""
+    return [
+        {"text": ask.format(subject), "label": label}
+        for label, subjects in SUBJECTS.items()
+        for subject in subjects
+        for ask in ASKS
+    ]
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    base = tmp_path_factory.mktemp("training")
+    rows = write_rows(base / "rows.jsonl", labelled_rows())
+    summary = train_classifier(rows, base / "models" / "router", epochs=1, limit=60, progress=False)
+    return base / "models" / "router", summary
+
+
+def test_the_packaged_base_is_the_folder_with_the_transformer_weights() -> None:
+    folder = packaged_base_model()
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+
+
+def test_a_missing_base_package_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="not installed"):
+        packaged_base_model("no_such_model_package_here")
+
+
+def test_training_returns_a_summary_of_the_run(trained: tuple[Path, dict[str, Any]]) -> None:
+    _, summary = trained
+    assert summary["labels"] == ["banking", "kitchen", "oos", "travel"]
+    assert summary["rows"] == 60
+    assert sum(summary["label_counts"].values()) == 60
+    assert summary["epochs"] == 1
+    assert summary["train_seconds"] > 0
+    assert math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
+
+
+def test_the_saved_folder_is_a_complete_model_with_labels_as_classes(trained: tuple[Path, dict[str, Any]]) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out_dir, summary = trained
+    config = json.loads((out_dir / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(4)] == summary["labels"]
+    model = AutoModelForSequenceClassification.from_pretrained(out_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+    logits = model(**tokenizer(["Help me with a wire transfer"], return_tensors="pt")).logits
+    assert tuple(logits.shape) == (1, 4)
+    saved = json.loads((out_dir / TRAINING_SUMMARY_FILE).read_text())
+    assert saved["labels"] == summary["labels"] and saved["rows"] == 60
+    # The staging folder was renamed into place: nothing else is left beside it.
+    assert [p.name for p in out_dir.parent.iterdir()] == ["router"]
+
+
+def test_retraining_replaces_the_folder_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "router"
+    out_dir.mkdir()
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / "stale-file.bin").write_text("old weights")
+    two_labels = [row for row in labelled_rows() if row["label"] in ("banking", "travel")]
+    summary = train_classifier(write_rows(tmp_path / "rows.jsonl", two_labels), out_dir, epochs=1, batch_size=16)
+    assert summary["labels"] == ["banking", "travel"] and summary["rows"] == 40
+    assert not (out_dir / "stale-file.bin").exists()
+    assert json.loads((out_dir / "config.json").read_text())["id2label"] == {"0": "banking", "1": "travel"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["router", "rows.jsonl"]
+    # Progress goes to stderr, one bar per epoch, ending on the last step.
+    assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path: Path) -> None:
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "todo.txt").write_text("keep me")
+    rows = write_rows(tmp_path / "rows.jsonl", labelled_rows())
+    with pytest.raises(ValueError, match="not a model folder"):
+        train_classifier(rows, precious, epochs=1, progress=False)
+    assert (precious / "todo.txt").read_text() == "keep me"
+
+
+def test_one_label_is_not_enough_to_train(tmp_path: Path) -> None:
+    rows = write_rows(tmp_path / "rows.jsonl", [r for r in labelled_rows() if r["label"] == "banking"])
+    with pytest.raises(ValueError, match="at least 2 labels"):
+        train_classifier(rows, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_row_names_its_line(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "hi", "label": "a"}\n{"text": "no label"}\n')
+    with pytest.raises(ValueError, match=r"rows.jsonl:2"):
+        train_classifier(rows, tmp_path / "out", progress=False)
+
+
+def test_class_labels_are_sorted_and_unique() -> None:
+    assert class_labels(labelled_rows()) == ["banking", "kitchen", "oos", "travel"]
+
+
+def test_rare_classes_weigh_more_but_less_than_their_rarity() -> None:
+    rows = [{"text": "t", "label": "big"}] * 16 + [{"text": "t", "label": "rare"}]
+    big, rare = class_weights(["big", "rare"], rows)
+    assert big == 1.0
+    assert rare == pytest.approx(4.0)
+
+
+def test_limit_draws_a_seeded_sample_across_labels() -> None:
+    rows = labelled_rows()
+    sample = sample_rows(rows, 20, seed=0)
+    assert len(sample) == 20
+    assert sample == sample_rows(rows, 20, seed=0)
+    assert sample != sample_rows(rows, 20, seed=1)
+    # The file is sorted by label: the first 20 rows would all be "banking".
+    assert len({row["label"] for row in sample}) > 1
+    assert sample_rows(rows, None, seed=0) is rows
+    assert sample_rows(rows, 1000, seed=0) is rows
+    with pytest.raises(ValueError):
+        sample_rows(rows, 0, seed=0)
+
+
+def test_the_learning_rate_warms_up_then_decays_to_zero() -> None:
+    factors = [learning_rate_factor(step, 100, 10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1)
+    assert factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in pairwise(factors[9:]))
+    assert factors[100] == 0.0
