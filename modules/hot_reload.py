@@ -161,7 +161,7 @@ class ConfigWatcher:
                 return None
             self._stamps = stamps
             if None in stamps:
-                missing = [str(p) for p, s in zip(self._paths, stamps) if s is None]
+                missing = [str(p) for p, s in zip(self._paths, stamps, strict=True) if s is None]
                 log.warning("config file missing: %s; still serving the previous configuration", ", ".join(missing))
                 return False
             return self._reload()

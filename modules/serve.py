@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gunicorn.app.base import BaseApplication
+from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
 from modules.config_manager import AppConfig
 from modules.metrics import MULTIPROC_ENV
@@ -59,7 +59,7 @@ def _forget_dead_worker(server: Any, worker: Any) -> None:
     # Imported here, in the master, only once $PROMETHEUS_MULTIPROC_DIR is set.
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def prepare_metrics_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> tuple[Path, bool]:

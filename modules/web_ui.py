@@ -139,7 +139,9 @@ function renderExperts(state) {
     item.append(head, el("div", "description", expert.description || "(no description)"));
     const chips = el("div", "chips");
     for (const word of expert.keywords) chips.append(el("span", "chip", word));
-    if (!expert.keywords.length) chips.append(el("span", "muted", expert.fallback ? "answers what nothing else matches" : "no keywords"));
+    if (!expert.keywords.length) {
+      chips.append(el("span", "muted", expert.fallback ? "answers what nothing else matches" : "no keywords"));
+    }
     item.append(chips);
     const track = el("div", "count-track");
     const fill = el("div", "count-fill");
