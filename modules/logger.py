@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
-import logging.handlers
-import queue
 import re
 from pathlib import Path
 
@@ -30,17 +27,13 @@ def sanitize(text: str, max_len: int = 200) -> str:
     return text
 
 
-_listener: logging.handlers.QueueListener | None = None
-
-
 def setup_logging(server: ServerConfig, project_dir: Path) -> logging.Logger:
     """Configure the `lemoe` logger once per process (idempotent, safe under test re-use).
 
-    Request threads only put records on a queue; one listener thread formats and writes them,
-    so a slow disk or terminal never adds to a request's latency.
+    Handlers write synchronously: a record is on disk when the request that logged it has been
+    answered, which operators (and tests) reading the log rely on. One INFO line per request
+    keeps the cost small.
     """
-    global _listener
-    stop_logging()
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(server.log_level)
     logger.propagate = False
@@ -55,24 +48,8 @@ def setup_logging(server: ServerConfig, project_dir: Path) -> logging.Logger:
         outputs.append(logging.FileHandler(path, encoding="utf-8"))
     for output in outputs:
         output.setFormatter(formatter)
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    logger.addHandler(logging.handlers.QueueHandler(records))
-    _listener = logging.handlers.QueueListener(records, *outputs, respect_handler_level=False)
-    _listener.start()
+        logger.addHandler(output)
     return logger
-
-
-def stop_logging() -> None:
-    """Flush the queued records and stop the writer thread (at exit, or before re-configuring)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        for output in _listener.handlers:
-            output.close()
-        _listener = None
-
-
-atexit.register(stop_logging)
 
 
 def get_logger(name: str = "") -> logging.Logger:

@@ -7,6 +7,7 @@ budget whatever the other tests did.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -165,6 +166,10 @@ def test_probe_stays_open_with_keys(keyed: LiveServer, method: str, path: str) -
 def test_keys_are_never_logged(keyed: LiveServer) -> None:
     call_from("127.0.5.4", keyed.url, "GET", "/api/tags", {"Authorization": "Bearer guessed-secret-value"})
     call_from("127.0.5.4", keyed.url, "GET", "/api/tags", {"Authorization": f"Bearer {API_KEY}"})
+    # Log lines are written by a background thread: give it a moment.
+    deadline = time.monotonic() + 5
+    while "refused GET /api/tags from 127.0.5.4" not in keyed.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     log = keyed.log_text()
     assert "refused GET /api/tags from 127.0.5.4: invalid API key" in log
     assert "API keys on: 3 key(s) configured" in log
