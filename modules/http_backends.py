@@ -11,6 +11,7 @@ Everything `requests`/`urllib3` can throw is translated into an `ExpertError` in
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -108,7 +109,7 @@ def _body_snippet(response: requests.Response, secret: str | None) -> str:
     return sanitize(_redacted(text, secret), _SNIPPET_CHARS) or "(empty body)"
 
 
-class _HttpBackend:
+class _HttpBackend(ABC):
     """What both HTTP backends share: one pooled session, timeouts, the API key, error mapping."""
 
     def __init__(self, expert: ExpertConfig, server: ServerConfig) -> None:
@@ -164,11 +165,13 @@ class _HttpBackend:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
 
+    @abstractmethod
     def _url_and_body(self, request: ChatRequest) -> tuple[str, dict[str, Any]]:
-        raise NotImplementedError
+        """Where to POST `request` upstream, and the body in the upstream's protocol."""
 
+    @abstractmethod
     def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
-        raise NotImplementedError
+        """The upstream's streamed lines as ChatEvents."""
 
 
 class OllamaBackend(_HttpBackend):
