@@ -103,12 +103,15 @@ def test_an_added_expert_is_routed_and_listed_and_loaded_models_survive(project:
     config_path, experts_path = project / "config" / "config.json", project / "config" / "experts.json"
     app, watcher, _ = app_for(config_path, project)
     before = services_of(app)
+    with before.pool.lease("models/kept.gguf", object, keep_alive=-1):
+        pass  # a model loaded (and kept) before the edit
     assert watcher.check() is None  # nothing changed yet
     write_json_atomically(experts_path, with_chef(read_experts(experts_path), "http://127.0.0.1:9"))
 
     assert watcher.check() is True
     after = services_of(app)
     assert after is not before and after.pool is before.pool
+    assert [m.key for m in after.pool.loaded()] == ["models/kept.gguf"]
     assert after.catalog.card("chef") is not None and before.catalog.card("chef") is None
     assert after.router.route(["how long do I bake a lasagna"]).label == "chef"
     assert watcher.check() is None
