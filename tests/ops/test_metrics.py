@@ -12,9 +12,11 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import requests
 
+from modules.serve import prepare_metrics_dir
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import stop
 from tests.ops.conftest import WORKERS, OpsServer, Samples, StartOps, scrape, value
@@ -156,3 +158,20 @@ def test_a_dead_worker_keeps_its_counts_and_loses_its_gauge_and_the_folder_goes_
         assert value(after, name, **labels) == value(before, name, **labels) == 1
     stop(server.live)
     assert not folder.exists()
+
+
+def test_the_metrics_folder_is_made_or_emptied_of_an_earlier_runs_counts(tmp_path: Path) -> None:
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    (folder / "counter_12345.db").write_bytes(b"old counts")
+    (folder / "notes.txt").write_text("not ours")
+    environ = {"PROMETHEUS_MULTIPROC_DIR": str(folder)}
+    assert prepare_metrics_dir(environ) == (folder, False)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+    environ = {}
+    made, created = prepare_metrics_dir(environ)
+    try:
+        assert created and made.is_dir() and environ["PROMETHEUS_MULTIPROC_DIR"] == str(made)
+    finally:
+        made.rmdir()
