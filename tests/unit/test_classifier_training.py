@@ -19,6 +19,7 @@ from modules.classifier_training import (
     sample_rows,
     train_classifier,
 )
+from modules.decision_router import ONNX_MODEL_FILE
 
 SUBJECTS = {
     "banking": ["my account balance", "a wire transfer", "my savings account", "the routing number", "a bank deposit"],
@@ -84,10 +85,12 @@ def test_the_saved_folder_is_a_complete_model_with_labels_as_classes(trained: tu
     tokenizer = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     logits = model(**tokenizer(["Help me with a wire transfer"], return_tensors="pt")).logits
     assert tuple(logits.shape) == (1, 4)
+    assert (out_dir / ONNX_MODEL_FILE).stat().st_size > 1_000_000
     saved = json.loads((out_dir / TRAINING_SUMMARY_FILE).read_text())
     assert saved["labels"] == summary["labels"] and saved["rows"] == 60
     # The staging folder was renamed into place: nothing else is left beside it.
     assert [p.name for p in out_dir.parent.iterdir()] == ["router"]
+    assert not [p.name for p in out_dir.iterdir() if p.name.endswith(".fp32")]
 
 
 def test_retraining_replaces_the_folder_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,11 +15,13 @@ import pytest
 from modules.classifier_training import train_classifier
 from modules.config_manager import ExpertConfig, RouterConfig
 from modules.decision_router import (
+    ONNX_MODEL_FILE,
     DecisionRouter,
     class_labels_from_model_dir,
     class_to_expert_matrix,
     experts_for_classes,
     head_tail_ids,
+    padded_batch,
 )
 
 SUBJECTS = {
@@ -191,6 +193,51 @@ def test_an_expert_without_a_class_is_reported(model_dir: Path, caplog: pytest.L
     assert "legal" in caplog.text and "oos" in caplog.text
     # Reachable by keywords only.
     assert routed.route(["Review this contract clause"]).label == "legal"
+
+
+def test_the_onnx_export_and_the_torch_model_agree(model_dir: Path) -> None:
+    served = router(model_dir, 0.4)
+    reference = DecisionRouter(EXPERTS, RouterConfig(), model_dir, runtime="torch")
+    assert (served.runtime, reference.runtime) == ("onnx", "torch")
+    texts = [BANKING_TEXT, TRAVEL_TEXT, "Help me with grilling fish", "Tell me about jazz history"]
+    onnx_probs = np.concatenate([served.probabilities([t]) for t in texts])
+    torch_probs = np.concatenate([reference.probabilities([t]) for t in texts])
+    # int8 weights move probabilities a little, never the winner on such clear texts.
+    assert np.abs(onnx_probs - torch_probs).max() < 0.05
+    assert onnx_probs.argmax(axis=1).tolist() == torch_probs.argmax(axis=1).tolist()
+
+
+def test_a_folder_without_the_onnx_export_runs_on_torch(model_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(model_dir, plain)
+    (plain / ONNX_MODEL_FILE).unlink()
+    hf_only = DecisionRouter(EXPERTS, RouterConfig(confidence_threshold=0.0), plain)
+    assert hf_only.runtime == "torch"
+    assert hf_only.route([BANKING_TEXT]).label == "banking"
+    with pytest.raises(ValueError, match=ONNX_MODEL_FILE):
+        DecisionRouter(EXPERTS, RouterConfig(), plain, runtime="onnx")
+
+
+def test_serving_the_onnx_export_needs_no_torch(model_dir: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; "
+        "from modules.config_manager import RouterConfig; "
+        "from modules.decision_router import DecisionRouter; "
+        "from tests.unit.test_decision_router import EXPERTS, BANKING_TEXT; "
+        f"r = DecisionRouter(EXPERTS, RouterConfig(confidence_threshold=0.0), Path({str(model_dir)!r})); "
+        "print(r.route([BANKING_TEXT]).label, any(m in sys.modules for m in ('torch', 'transformers')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2]
+    )
+    assert result.stdout.split() == ["banking", "False"]
+
+
+def test_padded_batches_mask_the_padding() -> None:
+    ids, mask = padded_batch([[101, 5, 102], [101, 102]], pad_id=0)
+    assert ids.tolist() == [[101, 5, 102], [101, 102, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert ids.dtype == mask.dtype == np.int64
 
 
 def test_the_module_imports_without_torch() -> None:
