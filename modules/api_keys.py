@@ -23,7 +23,9 @@ log = get_logger("auth")
 
 # What stays open with keys on: Ollama's probe and the health checks (GET/HEAD), and CORS
 # preflights (browsers never send credentials on those).
-OPEN_PATHS = frozenset({"/", "/health", "/ready"})
+# /ui is open so a browser can navigate to it; the page holds no data and asks for a key for its
+# data calls (/ui/state, /v1/route), which stay protected.
+OPEN_PATHS = frozenset({"/", "/health", "/ready", "/ui"})
 
 Respond = Callable[[RequestError], Response]
 

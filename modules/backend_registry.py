@@ -112,6 +112,11 @@ BACKEND_BUILDERS: dict[str, Callable[[ExpertConfig, AppConfig, ModelPool], Backe
 }
 
 
+def is_unavailable(backend: Backend) -> bool:
+    """True for the stand-in of an expert whose backend could not be built."""
+    return isinstance(backend, _Unavailable)
+
+
 def build_backends(config: AppConfig, pool: ModelPool) -> dict[int, Backend]:
     if any(e.type == "local" for e in config.experts):
         attach_model_stats(config, pool)

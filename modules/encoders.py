@@ -19,6 +19,7 @@ grows with length and routing needs the instruction, not the whole pasted docume
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -117,10 +118,15 @@ class SentenceTransformerEncoder:
         )
 
 
+@functools.lru_cache(maxsize=4)
 def build_encoder(
     model_path: str, max_chars: int = DEFAULT_MAX_CHARS
 ) -> Encoder | None:
-    """The encoder `model_path` names, or None for keyword-only routing ("")."""
+    """The encoder `model_path` names, or None for keyword-only routing ("").
+
+    Cached per process: a config hot reload rebuilds the router, and must not load a second copy
+    of the same weights. Encoders hold no per-query state, so sharing one is safe.
+    """
     if not model_path.strip():
         return None
     if model_path == PACKAGED_ENCODER:

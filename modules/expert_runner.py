@@ -109,8 +109,6 @@ class ExpertRunner:
         """The backend serving `expert` (for load/unload probes, which run no answer)."""
         return self._backends[expert.id]
 
-    _backend = backend_for
-
     def _primed(self, expert: ExpertConfig, request: ChatRequest) -> Iterator[ChatEvent]:
         events = self._watched(expert, request)
         first = next(events, None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from flask import Response
 
-from modules.backend_registry import _Unavailable
+from modules.backend_registry import is_unavailable
 from modules.config_manager import resolve_local_model_path
 from modules.http_views import Services, json_response, services
 
@@ -40,9 +40,8 @@ def readiness_problem(svc: Services) -> str | None:
 
 def fallback_problem(svc: Services) -> str | None:
     expert = svc.config.fallback_expert
-    # ExpertRunner has no public accessor for an expert's backend yet (http_views uses it too).
-    backend = svc.runner._backend(expert)
-    if isinstance(backend, _Unavailable):
+    backend = svc.runner.backend_for(expert)
+    if is_unavailable(backend):
         # The reason itself (paths, library errors) is in the start-up log, not for clients.
         return f"fallback expert '{expert.label}' could not be set up (see the server log)"
     if expert.type == "local" and expert.model_path:

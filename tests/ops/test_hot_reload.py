@@ -206,7 +206,7 @@ def test_the_old_runner_is_closed_once_requests_that_took_it_had_time_to_start(p
     old = services_of(app)
     cloud = old.config.expert_by_label("cloud")
     assert cloud is not None
-    old_backend = old.runner._backend(cloud)
+    old_backend = old.runner.backend_for(cloud)
     write_json_atomically(experts_path, with_chef(read_experts(experts_path), "http://127.0.0.1:9"))
     assert watcher.check() is True
 
@@ -216,7 +216,7 @@ def test_the_old_runner_is_closed_once_requests_that_took_it_had_time_to_start(p
     clock.now += 1
     watcher.check()
     assert old_backend.closed is True  # type: ignore[attr-defined]
-    assert services_of(app).runner._backend(cloud).closed is False  # type: ignore[attr-defined]
+    assert services_of(app).runner.backend_for(cloud).closed is False  # type: ignore[attr-defined]
 
 
 # --- a running server ----------------------------------------------------------------------------
