@@ -69,3 +69,12 @@ def test_probes_need_no_api_key_and_cost_no_rate_limit(tmp_path: Path, monkeypat
     assert client.get("/metrics", headers=keyed).status_code == 429  # 3 spent (the refused one too)...
     assert client.get("/health").status_code == 200  # ...and the probes still answer
     assert client.get("/ready").status_code == 200
+
+
+def test_ui_page_opens_without_a_key_but_its_data_does_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LEMOE_API_KEYS", "s3cret")
+    client = client_for(tmp_path)
+    page = client.get("/ui")
+    assert page.status_code == 200 and page.content_type.startswith("text/html")
+    assert client.get("/ui/state").status_code == 401
+    assert client.post("/v1/route", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
