@@ -369,11 +369,12 @@ def test_idle_models_are_unloaded_after_their_time_to_live(ttl_project: Path) ->
         entries = _ps(server)
         assert sorted(m["model"] for m in entries) == ["gguf1:latest", "tiny:latest"]
         assert all(0 < _expires_in(m) <= 2 for m in entries)
+        key = str((ttl_project / "models" / "gguf1.gguf").resolve())
         deadline = time.monotonic() + 15
-        while _loaded(server) and time.monotonic() < deadline:
+        # The reaper drops the model first and writes its statistics just after: wait for both.
+        while (_loaded(server) or server.stats()[key]["unloads"] < 1) and time.monotonic() < deadline:
             time.sleep(0.25)
         assert _loaded(server) == []
-        key = str((ttl_project / "models" / "gguf1.gguf").resolve())
         assert server.stats()[key]["unloads"] >= 1
     finally:
         server.stop()
