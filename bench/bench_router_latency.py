@@ -5,7 +5,8 @@ Routers, each built in-process from a configuration made here in code (no config
 - embedding:  the hybrid embedding router with the default packaged multilingual USE encoder;
 - reference:  the same router with `scoring: "reference"` (the reference's softmax and chain);
 - classifier: decision_router.DecisionRouter on a fine-tuned model folder (`--classifier DIR`),
-              only with the expert sets whose labels the model knows.
+              only with the expert sets whose labels the model knows; on its int8 ONNX export
+              (what is served) and, for comparison, on transformers + torch.
 Queries: a short one (about 40 characters), a short follow-up routed with its earlier turn as
 context, and a long one (about 1,200 characters, the request at its end), per expert set.
 Each cell is timed over up to `--calls` decisions after 20 warm-up calls; nothing goes over HTTP.
@@ -83,11 +84,13 @@ EXPERT_SETS = (
 def config_for(expert_set: ExpertSet, **router_fields: Any) -> AppConfig:
     """An AppConfig built in code: the expert set's experts, the router fields given."""
     experts = ExpertsFile.model_validate(json.loads(expert_set.experts_file.read_text(encoding="utf-8")))
-    router = RouterConfig(categories_file=str(expert_set.experts_file.relative_to(REPO)), **router_fields)
+    router = RouterConfig.model_validate(
+        {"categories_file": str(expert_set.experts_file.relative_to(REPO)), **router_fields}
+    )
     return AppConfig(
-        server=ServerConfig(),
+        server=ServerConfig.model_validate({}),
         router=router,
-        local_models=LocalModelsConfig(),
+        local_models=LocalModelsConfig.model_validate({}),
         experts=tuple(experts.experts),
         project_dir=REPO,
         config_path=REPO / "config" / "config.json",
@@ -115,10 +118,17 @@ def build_routers(expert_set: ExpertSet, classifier_dir: Path | None) -> dict[st
 
         config = config_for(expert_set, mode="model", router_type="classification", model_path=str(classifier_dir))
         try:
-            routers["classifier"] = DecisionRouter(config.experts, config.router, classifier_dir).route
+            served = DecisionRouter(config.experts, config.router, classifier_dir)
         except ValueError as exc:
             # A model trained for other experts: nothing to measure on this set.
             routers["classifier"] = f"not built: {exc}"
+            return routers
+        routers[f"classifier ({served.runtime})"] = served.route
+        if served.runtime == "onnx":
+            # The same weights on transformers + torch, to show what the ONNX export saves.
+            routers["classifier (torch)"] = DecisionRouter(
+                config.experts, config.router, classifier_dir, runtime="torch"
+            ).route
     return routers
 
 
@@ -137,7 +147,7 @@ def time_decisions(route: RouteFn, turns: list[str], calls: int, max_seconds: fl
 
 
 def run(classifier_dir: Path | None, calls: int, max_seconds: float) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for expert_set in EXPERT_SETS:
         for router_name, route in build_routers(expert_set, classifier_dir).items():
             if isinstance(route, str):
@@ -161,14 +171,14 @@ def run(classifier_dir: Path | None, calls: int, max_seconds: float) -> list[dic
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as an aligned text table."""
-    header = f"{'experts':<11} {'router':<11} {'query':<23} {'chars':>5} {'calls':>5} {'p50 ms':>8} {'p99 ms':>8}  routed to (method)"
+    header = f"{'experts':<11} {'router':<18} {'query':<23} {'chars':>5} {'calls':>5} {'p50 ms':>8} {'p99 ms':>8}  routed to (method)"
     lines = [header, "-" * len(header)]
     for row in rows:
         if "note" in row:
-            lines.append(f"{row['experts']:<11} {row['router']:<11} {row['note'][:100]}")
+            lines.append(f"{row['experts']:<11} {row['router']:<18} {row['note'][:100]}")
             continue
         lines.append(
-            f"{row['experts']:<11} {row['router']:<11} {row['query']:<23} {row['chars']:>5} {row['calls']:>5} "
+            f"{row['experts']:<11} {row['router']:<18} {row['query']:<23} {row['chars']:>5} {row['calls']:>5} "
             f"{row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f}  {row['routed_to']} ({row['method']})"
         )
     return "\n".join(lines)
