@@ -101,7 +101,9 @@ def config_for(expert_set: ExpertSet, **router_fields: Any) -> AppConfig:
 RouteFn = Callable[[Sequence[str]], RouteDecision]
 
 
-def build_routers(expert_set: ExpertSet, classifier_dir: Path | None) -> dict[str, RouteFn | str]:
+def build_routers(
+    expert_set: ExpertSet, classifier_dir: Path | None, classifier_threshold: float
+) -> dict[str, RouteFn | str]:
     """Each router's route function, or why it was not built."""
     from modules.embedding_router import build_embedding_router
     from modules.generic_router import KeywordRouter
@@ -116,7 +118,13 @@ def build_routers(expert_set: ExpertSet, classifier_dir: Path | None) -> dict[st
     if classifier_dir is not None:
         from modules.decision_router import DecisionRouter
 
-        config = config_for(expert_set, mode="model", router_type="classification", model_path=str(classifier_dir))
+        config = config_for(
+            expert_set,
+            mode="model",
+            router_type="classification",
+            model_path=str(classifier_dir),
+            confidence_threshold=classifier_threshold,
+        )
         try:
             served = DecisionRouter(config.experts, config.router, classifier_dir)
         except ValueError as exc:
@@ -146,10 +154,12 @@ def time_decisions(route: RouteFn, turns: list[str], calls: int, max_seconds: fl
     return samples, decision
 
 
-def run(classifier_dir: Path | None, calls: int, max_seconds: float) -> list[dict[str, Any]]:
+def run(
+    classifier_dir: Path | None, classifier_threshold: float, calls: int, max_seconds: float
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for expert_set in EXPERT_SETS:
-        for router_name, route in build_routers(expert_set, classifier_dir).items():
+        for router_name, route in build_routers(expert_set, classifier_dir, classifier_threshold).items():
             if isinstance(route, str):
                 rows.append({"experts": expert_set.name, "router": router_name, "note": route})
                 continue
@@ -187,11 +197,17 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--classifier", type=Path, help="a fine-tuned classifier model folder (main.py train)")
+    parser.add_argument(
+        "--classifier-threshold",
+        type=float,
+        default=0.9,
+        help="the classifier's confidence_threshold (default 0.9, tuned for CLINC150 on held-out training rows)",
+    )
     parser.add_argument("--calls", type=int, default=500, help="timed decisions per cell (default 500)")
     parser.add_argument("--max-seconds", type=float, default=8.0, help="time cap per cell (default 8)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
-    rows = run(args.classifier, args.calls, args.max_seconds)
+    rows = run(args.classifier, args.classifier_threshold, args.calls, args.max_seconds)
     print(format_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
