@@ -11,6 +11,7 @@ from typing import Protocol
 
 from modules.chat_types import RouteDecision
 from modules.config_manager import AppConfig
+from modules.errors import ConfigError
 
 
 class Router(Protocol):
@@ -30,7 +31,10 @@ def build_router(config: AppConfig) -> Router:
         model_dir = Path(config.router.model_path)
         if not model_dir.is_absolute():
             model_dir = config.project_dir / model_dir
-        return DecisionRouter(config.experts, config.router, model_dir)
+        try:
+            return DecisionRouter(config.experts, config.router, model_dir)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"{config.config_path}: router.model_path: {exc}") from exc
     from modules.embedding_router import build_embedding_router
 
     return build_embedding_router(config)

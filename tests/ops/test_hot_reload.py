@@ -253,6 +253,8 @@ def test_editing_the_experts_file_under_a_running_server(start_ops: StartOps, fa
     experts = read_experts(server.experts_path)
     write_json_atomically(server.experts_path, with_chef(experts, fake_upstream.url))
 
+    # Both workers must have reloaded: answers in a row can all come from the same worker.
+    wait_for_log(server, "configuration reloaded", count=2)
     wait_until_every_answer(url, lambda names: "chef:latest" in names)
     chat = {"model": "lemoe", "messages": [{"role": "user", "content": "a risotto for four"}], "stream": False}
     for _ in range(4):
