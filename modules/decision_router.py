@@ -194,18 +194,8 @@ class DecisionRouter:
             context_step = self._score(context)
             if context_step.label != self._fallback.label and context_step.probability >= threshold:
                 return self._decision(context_step, "cascade", context)
-        if self._config.keyword_fallback and not out_of_scope:
-            keyword_decision = self._keywords.route(user_texts)
-            if keyword_decision.expert_id != self._fallback.id:
-                return keyword_decision
-        return RouteDecision(
-            self._fallback.id,
-            self._fallback.label,
-            step.scores[self._fallback.label],
-            "fallback",
-            step.scores,
-            context,
-        )
+        return self._keywords.route_or_fall_back(
+            user_texts, not out_of_scope, step.scores[self._fallback.label], step.scores, context)
 
     def _score(self, text: str) -> _Step:
         probs = self.probabilities([text])[0]

@@ -586,18 +586,8 @@ class EmbeddingRouter:
         # of these experts" won, a few fuzzy word matches (long jailbreak prompts hit many) are
         # weaker evidence than the whole-text similarity that ruled the experts out.
         none_won = step.probs[-1] >= step.probs[:-1].max()
-        if self._config.keyword_fallback and not none_won:
-            keyword_decision = self._keywords.route(user_texts)
-            if keyword_decision.expert_id != self._fallback.id:
-                return keyword_decision
-        return RouteDecision(
-            self._fallback.id,
-            self._fallback.label,
-            step.scores[self._fallback.label],
-            "fallback",
-            step.scores,
-            context or None,
-        )
+        return self._keywords.route_or_fall_back(
+            user_texts, not none_won, step.scores[self._fallback.label], step.scores, context or None)
 
     def _route_as_reference(self, user_texts: Sequence[str]) -> RouteDecision:
         # The reference chain as its README describes it, kept for comparison: the last

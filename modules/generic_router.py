@@ -245,6 +245,19 @@ class KeywordRouter:
         self._config = router_config
         self._accept_at = router_config.confidence_threshold * KEYWORD_ACCEPT_FACTOR
 
+    def route_or_fall_back(
+        self, user_texts: Sequence[str], allowed: bool, fallback_score: float,
+        scores: dict[str, float], context: str | None,
+    ) -> RouteDecision:
+        """The tail that model-based routers share: the keyword stage (when `allowed` and
+        `keyword_fallback` is on), and when it picks no specialist, the fallback expert with the
+        deciding step's `scores` and `context` so the decision stays explainable."""
+        if allowed and self._config.keyword_fallback:
+            decision = self.route(user_texts)
+            if decision.expert_id != self._fallback.id:
+                return decision
+        return RouteDecision(self._fallback.id, self._fallback.label, fallback_score, "fallback", scores, context)
+
     def route(self, user_texts: Sequence[str]) -> RouteDecision:
         """Choose an expert for the conversation whose user turns are `user_texts`."""
         # With keyword_fallback off and no router model this is keyword-only mode switched
