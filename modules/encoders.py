@@ -125,15 +125,20 @@ def build_encoder(
     """The encoder `model_path` names, or None for keyword-only routing ("").
 
     Cached per process: a config hot reload rebuilds the router, and must not load a second copy
-    of the same weights. Encoders hold no per-query state, so sharing one is safe.
+    of the same weights. Concurrent queries share encoder passes (`SharedPassEncoder`).
     """
+    from modules.encode_batching import SharedPassEncoder
+
     if not model_path.strip():
         return None
+    encoder: Encoder
     if model_path == PACKAGED_ENCODER:
-        return UseEncoder(max_chars)
-    if model_path.startswith(PACKAGE_PREFIX):
-        return SentenceTransformerEncoder(str(package_folder(model_path)), max_chars)
-    return SentenceTransformerEncoder(model_path, max_chars)
+        encoder = UseEncoder(max_chars)
+    elif model_path.startswith(PACKAGE_PREFIX):
+        encoder = SentenceTransformerEncoder(str(package_folder(model_path)), max_chars)
+    else:
+        encoder = SentenceTransformerEncoder(model_path, max_chars)
+    return SharedPassEncoder(encoder)
 
 
 def e5_prefixes(model_path: str) -> tuple[str, str]:

@@ -19,14 +19,16 @@ from modules.encoders import (
     normalize_rows,
     package_folder,
 )
+from modules.encode_batching import SharedPassEncoder
 from modules.generic_router import clip_message
 
 
 @pytest.fixture(scope="module")
 def use() -> UseEncoder:
     encoder = build_encoder(PACKAGED_ENCODER)
-    assert isinstance(encoder, UseEncoder)
-    return encoder
+    assert isinstance(encoder, SharedPassEncoder)
+    assert isinstance(encoder.inner, UseEncoder)
+    return encoder.inner
 
 
 class CountingEncoder:
