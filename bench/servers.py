@@ -1,6 +1,8 @@
 """Start and stop the servers a benchmark compares, all on 127.0.0.1 and free ports.
 
-- the stand-in upstream (bench/upstream.py, its own process),
+- the stand-in upstream, its own process: bench/fast_upstream.py (asyncio, keep-alive, cheap) by
+  default, or bench/upstream.py (the werkzeug fake the contract tests use, about 1 ms of CPU per
+  answer and a new connection every time),
 - LeMoE itself: `api_server.py` under gunicorn, exactly as users start it, on a throw-away
   project whose remote experts point at the stand-in,
 - the bare Flask relay baseline (bench/bare_relay.py under gunicorn with the same settings),
@@ -78,12 +80,16 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout: float,
     raise RuntimeError(f"{url}: not ready within {timeout}s")
 
 
-def start_upstream(tokens: int, delay_between: float = 0.0) -> Server:
+UPSTREAMS = {"fast": "bench.fast_upstream", "werkzeug": "bench.upstream"}
+
+
+def start_upstream(tokens: int, delay_between: float = 0.0, kind: str = "fast") -> Server:
+    """The stand-in upstream of `kind` (a key of UPSTREAMS) answering `tokens` pieces."""
     started = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bench.upstream", "--tokens", str(tokens), "--delay-between", str(delay_between)],
-        cwd=REPO, stdout=subprocess.PIPE,
-    )
+    command = [sys.executable, "-m", UPSTREAMS[kind], "--tokens", str(tokens), "--delay-between", str(delay_between)]
+    if kind == "fast":
+        command += ["--models", f"{OLLAMA_MODEL},{OPENAI_MODEL}"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE)
     assert process.stdout is not None
     port = int(process.stdout.readline().decode().strip() or 0)
     if not port:
@@ -91,7 +97,7 @@ def start_upstream(tokens: int, delay_between: float = 0.0) -> Server:
         raise RuntimeError("the stand-in upstream did not report its port")
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url + "/", process, 10, None)
-    return Server("upstream", url, process, time.monotonic() - started)
+    return Server("upstream", url, process, time.monotonic() - started, extra={"kind": kind})
 
 
 def write_lemoe_project(root: Path, upstream_url: str, *, threads: int, workers: int) -> Path:

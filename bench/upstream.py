@@ -13,12 +13,8 @@ import signal
 import sys
 import threading
 
+from bench.fast_upstream import answer_tokens
 from tests.fakes.fake_upstream import FakeUpstream
-
-
-def answer_tokens(count: int) -> list[str]:
-    """`count` distinct pieces, so a client can tell a whole answer from a cut one."""
-    return [f"tok{i} " for i in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
