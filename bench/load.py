@@ -5,11 +5,16 @@ The latency of a request is from just before it is written to just after the las
 answer (the whole stream, for streaming requests) has been read, so a proxy that sends its
 pieces late is charged for it. An answer counts only if it is 200 and contains every byte
 string of `expect` (the last answer piece and, for a stream, its end marker).
+
+A body that holds PLACEHOLDER gets a number no other request of this process used, so every
+request carries its own text and a server that caches routing decisions per text still routes
+each one.
 """
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import math
 import threading
 import time
@@ -17,6 +22,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 _HEADERS = {"Content-Type": "application/json"}
+# Where a request body takes its request number.
+PLACEHOLDER = "@@N@@"
+# next() on a count is atomic under the GIL: client threads share it without a lock.
+_numbers = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,13 @@ class Target:
     body: bytes
     # Byte strings every complete answer contains.
     expect: tuple[bytes, ...]
+    # A response header every complete answer carries, as (name, value), or None.
+    expect_header: tuple[str, str] | None = None
+
+    def next_body(self) -> bytes:
+        """The body with PLACEHOLDER replaced by a fresh request number."""
+        marker = PLACEHOLDER.encode()
+        return self.body.replace(marker, str(next(_numbers)).encode(), 1) if marker in self.body else self.body
 
 
 @dataclass
@@ -69,7 +85,7 @@ def _connect(base_url: str) -> http.client.HTTPConnection:
 
 def send_once(conn: http.client.HTTPConnection, target: Target) -> bytes:
     """One request on a kept-alive connection; the whole answer body, or BadAnswer."""
-    conn.request("POST", target.path, body=target.body, headers=_HEADERS)
+    conn.request("POST", target.path, body=target.next_body(), headers=_HEADERS)
     response = conn.getresponse()
     data = response.read()
     if response.will_close:
@@ -78,6 +94,10 @@ def send_once(conn: http.client.HTTPConnection, target: Target) -> bytes:
         raise BadAnswer(f"HTTP {response.status}: {data[:200]!r}")
     if not all(piece in data for piece in target.expect):
         raise BadAnswer(f"incomplete answer: {data[-200:]!r}")
+    if target.expect_header is not None:
+        name, value = target.expect_header
+        if response.getheader(name) != value:
+            raise BadAnswer(f"header {name}: {response.getheader(name)!r}, expected {value!r}")
     return data
 
 
