@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from modules.generic_router import clip_message
+from modules.paged_table import PagedTable
 
 PACKAGED_ENCODER = "use-multilingual"
 PACKAGE_PREFIX = "pkg:"
@@ -71,6 +72,7 @@ class UseEncoder:
         self._model = USE(threads=threads)
         self._max_chars = max_chars
         self.name = f"{PACKAGED_ENCODER}:{__version__}:{max_chars}"
+        map_embedding_table(self._model._model, cache_root() / f"use-table-{__version__}.npy")
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts)
@@ -83,6 +85,64 @@ class UseEncoder:
             return np.zeros((0, 512), dtype=np.float32)
         clipped = [clip_message(t, self._max_chars) for t in texts]
         return normalize_rows(np.asarray(self._model.encode(clipped), dtype=np.float32))
+
+
+def cache_root() -> Path:
+    """Where derived model files live: `$LEMOE_CACHE_DIR`, else the user's cache folder."""
+    configured = os.environ.get("LEMOE_CACHE_DIR", "").strip()
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(base) / "lemoe"
+
+
+def map_embedding_table(backend: Any, path: Path) -> bool:
+    """Serve the USE token table (64 MB) from a file through `PagedTable` instead of the heap.
+
+    The file is written once from the table the package just loaded. When it cannot be written
+    or read (read-only home, full disk), the table simply stays in memory.
+    """
+    table = getattr(backend, "table", None)
+    if not isinstance(table, np.ndarray) or table.ndim != 2:
+        return False
+    try:
+        paged = _open_table(path, table)
+        if paged is None:
+            _write_npy(path, table)
+            paged = _open_table(path, table)
+    except (OSError, ValueError):
+        return False
+    if paged is None:
+        return False
+    backend.table = paged
+    return True
+
+
+def _open_table(path: Path, table: np.ndarray) -> PagedTable | None:
+    # A file from another package version, cut short or altered is not used: shape, type and
+    # a sample of rows (every 509th) must match the table in memory.
+    if not path.is_file():
+        return None
+    paged = PagedTable(path)
+    sample = np.arange(0, table.shape[0], 509)
+    if (paged.shape, paged.dtype) != (table.shape, table.dtype) or not np.array_equal(
+        paged[sample], table[sample]
+    ):
+        paged.close()
+        return None
+    return paged
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.save(out, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class SentenceTransformerEncoder:
