@@ -6,13 +6,22 @@ upstream directly, at concurrency 1; at concurrency 16 the figure is requests pe
 Each case also reports the CPU time the server's processes spent per request (user + system,
 all processes and threads), which is steadier than wall-clock figures on a shared machine.
 
-    venv/bin/python -m bench.bench_overhead [--litellm PATH] [--workers N]
+The load comes from `wrk` when it is installed (bench/wrk_load.py), else from bench/load.py's
+Python threads, which on 2 cores eat much of the CPU the contenders need. Every request has its
+own text ("... (17)"), so LeMoE routes each one; its answers must carry the intended expert in
+X-LeMoE-Expert, or they count as errors.
+
+    venv/bin/python -m bench.bench_overhead [--litellm PATH] [--workers N] [--keyword-router]
+        [--upstream fast|werkzeug] [--load wrk|python]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import resource
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -20,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.footprint import tree_cpu_seconds, tree_pss_mib, tree_rss_mib
-from bench.load import LoadResult, Target, run_load
+from bench.load import PLACEHOLDER, LoadResult, Target, run_load
 from bench.servers import (
     OLLAMA_MODEL,
     OPENAI_MODEL,
+    UPSTREAMS,
     Server,
     find_litellm,
     litellm_version,
@@ -33,11 +43,15 @@ from bench.servers import (
     start_upstream,
     write_lemoe_project,
 )
+from bench.wrk_load import THREADS as WRK_THREADS
+from bench.wrk_load import WrkResult, run_wrk, wrk_binary
 
 TOKENS = 20
-# Routed by the keyword router: "poem" -> writer (OpenAI backend), "python" -> coder (Ollama).
+# "poem" -> writer (OpenAI backend), "python" -> coder (Ollama), by either router; every request
+# gets its own number appended.
 OPENAI_QUERY = "write a short poem about the sea"
 OLLAMA_QUERY = "write a python function that adds two numbers"
+EXPERT_FOR_ROUTE = {"openai": "writer", "ollama": "coder"}
 LAST_PIECE = f"tok{TOKENS - 1}".encode()
 ROUTES = ("openai", "ollama")
 CONTENDERS = ("direct", "bare relay", "lemoe", "litellm proxy")
@@ -52,6 +66,10 @@ class Budget:
     seconds_c1: float = 8.0
     warmup_seconds_c16: float = 1.5
     seconds_c16: float = 6.0
+    # wrk runs for whole seconds, not a request count.
+    wrk_warmup_seconds: float = 1.0
+    wrk_seconds_c1: float = 4.0
+    wrk_warmup_seconds_c16: float = 2.0
 
 
 def chat_body(model: str, query: str, stream: bool) -> bytes:
@@ -66,10 +84,15 @@ def expected_pieces(path: str, stream: bool) -> tuple[bytes, ...]:
 
 
 def target_for(contender: str, base_url: str, route: str, stream: bool) -> Target:
-    """The request each contender gets for one case: same question, same upstream, same answer."""
-    query = OPENAI_QUERY if route == "openai" else OLLAMA_QUERY
+    """The request each contender gets for one case: same question, same upstream, same answer.
+
+    LeMoE's answers must also name the expert the question belongs to.
+    """
+    query = f"{OPENAI_QUERY if route == 'openai' else OLLAMA_QUERY} ({PLACEHOLDER})"
+    header = None
     if contender == "lemoe":
         model, path = "lemoe", ("/v1/chat/completions" if route == "openai" else "/api/chat")
+        header = ("X-LeMoE-Expert", EXPERT_FOR_ROUTE[route])
     elif contender == "litellm proxy":
         # LiteLLM's proxy speaks OpenAI to its clients only; its "ollama" case is an OpenAI
         # request that it forwards to the upstream's Ollama /api/chat.
@@ -77,32 +100,65 @@ def target_for(contender: str, base_url: str, route: str, stream: bool) -> Targe
     else:
         model = OPENAI_MODEL if route == "openai" else OLLAMA_MODEL
         path = "/v1/chat/completions" if route == "openai" else "/api/chat"
-    return Target(base_url, path, chat_body(model, query, stream), expected_pieces(path, stream))
+    return Target(base_url, path, chat_body(model, query, stream), expected_pieces(path, stream), header)
 
 
 def check_answer(target: Target) -> None:
-    """One request first, so a misconfigured contender fails loudly instead of timing errors."""
+    """One request first, so a misconfigured (or misrouting) contender fails loudly."""
     result = run_load(target, concurrency=1, max_requests=1, max_seconds=30)
     if result.errors:
         raise RuntimeError(f"{target.base_url}{target.path}: {result.first_error}")
 
 
-def measure(target: Target, concurrency: int, budget: Budget, pid: int) -> tuple[LoadResult, float]:
-    """The load result and the server's CPU milliseconds per answered request."""
-    if concurrency == 1:
-        run_load(target, concurrency=1, max_requests=budget.warmup_requests, max_seconds=10)
+def pick_load_generator(choice: str) -> str:
+    """"wrk" or "python"; "auto" is wrk when installed."""
+    if choice == "auto":
+        return "wrk" if wrk_binary() else "python"
+    if choice == "wrk" and not wrk_binary():
+        raise SystemExit("--load wrk: wrk is not installed (apt-get install wrk)")
+    return choice
+
+
+def describe_load_generator(kind: str) -> str:
+    if kind == "wrk":
+        return f"wrk -t{WRK_THREADS} ({wrk_binary()}), bench/wrk_chat.lua"
+    return "bench/load.py (Python threads)"
+
+
+Result = LoadResult | WrkResult
+
+
+def measure(target: Target, concurrency: int, budget: Budget, pid: int,
+            load: str = "python") -> tuple[Result, float, float]:
+    """The load result, and the server's and the load generator's CPU milliseconds per answered request."""
+    if load == "wrk":
+        warmup = budget.wrk_warmup_seconds if concurrency == 1 else budget.wrk_warmup_seconds_c16
+        seconds = budget.wrk_seconds_c1 if concurrency == 1 else budget.seconds_c16
+        run_wrk(target, concurrency=concurrency, seconds=warmup)
         cpu_before = tree_cpu_seconds(pid)
+        result: Result = run_wrk(target, concurrency=concurrency, seconds=seconds)
+        client_cpu = result.client_cpu_s
+    elif concurrency == 1:
+        run_load(target, concurrency=1, max_requests=budget.warmup_requests, max_seconds=10)
+        cpu_before, client_before = tree_cpu_seconds(pid), _own_cpu_seconds()
         result = run_load(target, concurrency=1, max_requests=budget.requests_c1, max_seconds=budget.seconds_c1)
+        client_cpu = _own_cpu_seconds() - client_before
     else:
         run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.warmup_seconds_c16)
-        cpu_before = tree_cpu_seconds(pid)
+        cpu_before, client_before = tree_cpu_seconds(pid), _own_cpu_seconds()
         result = run_load(target, concurrency=concurrency, max_requests=10**9, max_seconds=budget.seconds_c16)
+        client_cpu = _own_cpu_seconds() - client_before
     cpu_ms = (tree_cpu_seconds(pid) - cpu_before) * 1000 / max(1, result.count)
-    return result, cpu_ms
+    return result, cpu_ms, client_cpu * 1000 / max(1, result.count)
 
 
-def summarize(result: LoadResult, cpu_ms: float) -> dict[str, Any]:
-    return {
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def summarize(result: Result, cpu_ms: float, client_cpu_ms: float = math.nan) -> dict[str, Any]:
+    figures = {
         "cpu_ms_per_request": round(cpu_ms, 2),
         "count": result.count,
         "errors": result.errors,
@@ -111,15 +167,19 @@ def summarize(result: LoadResult, cpu_ms: float) -> dict[str, Any]:
         "p99_ms": round(result.percentile_ms(99), 3),
         "rps": round(result.per_second, 1),
     }
+    # What the load generator spent, to show it is not what limits the figures.
+    figures["client_cpu_ms_per_request"] = round(client_cpu_ms, 3)
+    return figures
 
 
 def start_contenders(upstream_url: str, workdir: Path, litellm_bin: Path | None, workers: int,
-                     threads: int) -> dict[str, Server]:
+                     threads: int, keyword_router: bool = False) -> dict[str, Server]:
     servers: dict[str, Server] = {}
     try:
         servers["bare relay"] = start_bare_relay(upstream_url, workdir, threads=threads, workers=workers)
         project = workdir / "lemoe"
-        config = write_lemoe_project(project, upstream_url, threads=threads, workers=workers)
+        config = write_lemoe_project(project, upstream_url, threads=threads, workers=workers,
+                                     keyword_router=keyword_router)
         servers["lemoe"] = start_lemoe(config, project)
         if litellm_bin is not None:
             servers["litellm proxy"] = start_litellm(litellm_bin, upstream_url, workdir, workers=workers)
@@ -131,22 +191,30 @@ def start_contenders(upstream_url: str, workdir: Path, litellm_bin: Path | None,
 
 
 def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
-        budget: Budget = Budget(), skip_litellm: bool = False) -> dict[str, Any]:
+        budget: Budget = Budget(), skip_litellm: bool = False, *, upstream_kind: str = "fast",
+        load: str = "auto", keyword_router: bool = False) -> dict[str, Any]:
     """Measure every case on every contender; returns the figures (also printed)."""
     litellm_bin = None if skip_litellm else find_litellm(litellm_path)
-    upstream = start_upstream(TOKENS)
+    load = pick_load_generator(load)
+    print(f"load generator: {describe_load_generator(load)}; upstream: {UPSTREAMS[upstream_kind]}; "
+          f"LeMoE router: {'keywords only' if keyword_router else 'default (embedding)'}", flush=True)
+    upstream = start_upstream(TOKENS, kind=upstream_kind)
     workdir = Path(tempfile.mkdtemp(prefix="lemoe-bench-"))
     figures: dict[str, Any] = {"cases": [], "servers": {}, "workers": workers, "threads": threads,
                                "litellm": str(litellm_bin) if litellm_bin else None,
-                               "litellm_version": litellm_version(litellm_bin) if litellm_bin else None}
+                               "litellm_version": litellm_version(litellm_bin) if litellm_bin else None,
+                               "load_generator": describe_load_generator(load),
+                               "upstream": UPSTREAMS[upstream_kind],
+                               "router": "keywords" if keyword_router else "default",
+                               "load_average_before": [round(x, 2) for x in os.getloadavg()]}
     try:
-        servers = start_contenders(upstream.url, workdir, litellm_bin, workers, threads)
+        servers = start_contenders(upstream.url, workdir, litellm_bin, workers, threads, keyword_router)
         contenders = {"direct": upstream, **servers}
         try:
             for route in ROUTES:
                 for stream in (False, True):
                     for concurrency in (1, 16):
-                        figures["cases"].append(measure_case(contenders, route, stream, concurrency, budget))
+                        figures["cases"].append(measure_case(contenders, route, stream, concurrency, budget, load))
                         print_case(figures["cases"][-1])
             for name, server in servers.items():
                 figures["servers"][name] = {
@@ -159,11 +227,12 @@ def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
                 server.stop()
     finally:
         upstream.stop()
+    figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return figures
 
 
 def measure_case(contenders: dict[str, Server], route: str, stream: bool, concurrency: int,
-                 budget: Budget) -> dict[str, Any]:
+                 budget: Budget, load: str = "python") -> dict[str, Any]:
     """One case on every contender; "direct" is the upstream itself (its CPU is the upstream's)."""
     case: dict[str, Any] = {"route": route, "stream": stream, "concurrency": concurrency, "results": {}}
     for contender in CONTENDERS:
@@ -172,7 +241,7 @@ def measure_case(contenders: dict[str, Server], route: str, stream: bool, concur
             continue
         target = target_for(contender, server.url, route, stream)
         check_answer(target)
-        case["results"][contender] = summarize(*measure(target, concurrency, budget, server.process.pid))
+        case["results"][contender] = summarize(*measure(target, concurrency, budget, server.process.pid, load))
     direct = case["results"]["direct"]["p50_ms"]
     for result in case["results"].values():
         result["added_ms"] = round(result["p50_ms"] - direct, 3)
@@ -210,11 +279,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="gunicorn/uvicorn workers for every contender")
     parser.add_argument("--threads", type=int, default=32, help="gunicorn threads for LeMoE and the relay")
     parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's proxy out")
+    parser.add_argument("--keyword-router", action="store_true",
+                        help="LeMoE routes on keywords only (router.model_path \"\") instead of the default router")
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fast",
+                        help="stand-in upstream: fast (bench/fast_upstream.py) or werkzeug (bench/upstream.py)")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator: wrk (when installed, the default) or bench/load.py")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     print_header()
-    figures = run(args.litellm, args.workers, args.threads, skip_litellm=args.skip_litellm)
+    figures = run(args.litellm, args.workers, args.threads, skip_litellm=args.skip_litellm,
+                  upstream_kind=args.upstream, load=args.load, keyword_router=args.keyword_router)
     print(json.dumps(figures["servers"], indent=2))
+    print(f"load average before {figures['load_average_before']}, after {figures['load_average_after']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0

@@ -6,7 +6,7 @@ OpenAI's /v1/chat/completions (SSE). A stream counts as held when it is answered
 arrives whole (last piece and end marker). "Peak open" is the most streams that were between
 their first and last byte at the same moment, as seen by the client.
 
-    venv/bin/python -m bench.bench_streams [--streams 256] [--threads 32 --threads 256]
+    venv/bin/python -m bench.bench_streams [--streams 256] [--threads 32 --threads 256] [--upstream fast|werkzeug]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from bench.bench_overhead import OLLAMA_QUERY, OPENAI_QUERY, chat_body, expected_pieces
 from bench.footprint import tree_rss_mib
 from bench.load import percentile
-from bench.servers import start_lemoe, start_upstream, write_lemoe_project
+from bench.servers import UPSTREAMS, start_lemoe, start_upstream, write_lemoe_project
 
 TOKENS = 20
 PIECE_DELAY = 0.2
@@ -86,7 +86,9 @@ def hold_streams(base_url: str, count: int) -> tuple[list[StreamRecord], float, 
     threads = []
     for i, record in enumerate(records):
         path, query = ("/api/chat", OLLAMA_QUERY) if i % 2 == 0 else ("/v1/chat/completions", OPENAI_QUERY)
-        args = (base_url, path, chat_body("lemoe", query, True), expected_pieces(path, True), start, record)
+        # Each stream its own text, so each one is routed.
+        body = chat_body("lemoe", f"{query} ({i})", True)
+        args = (base_url, path, body, expected_pieces(path, True), start, record)
         threads.append(threading.Thread(target=read_stream, args=args, daemon=True))
     for thread in threads:
         thread.start()
@@ -97,13 +99,15 @@ def hold_streams(base_url: str, count: int) -> tuple[list[StreamRecord], float, 
     return records, began, time.perf_counter() - began
 
 
-def run(count: int = 256, thread_settings: tuple[int, ...] = (32, 256)) -> list[dict[str, Any]]:
-    upstream = start_upstream(TOKENS, PIECE_DELAY)
+def run(count: int = 256, thread_settings: tuple[int, ...] = (32, 256), *, upstream_kind: str = "fast",
+        keyword_router: bool = False) -> list[dict[str, Any]]:
+    upstream = start_upstream(TOKENS, PIECE_DELAY, kind=upstream_kind)
     rows = []
     try:
         for threads in thread_settings:
             project = Path(tempfile.mkdtemp(prefix="lemoe-streams-"))
-            config = write_lemoe_project(project, upstream.url, threads=threads, workers=1)
+            config = write_lemoe_project(project, upstream.url, threads=threads, workers=1,
+                                         keyword_router=keyword_router)
             server = start_lemoe(config, project)
             try:
                 records, began, elapsed = hold_streams(server.url, count)
@@ -135,9 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=256)
     parser.add_argument("--threads", type=int, action="append", help="server.threads to try (repeatable)")
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fast",
+                        help="stand-in upstream: fast (bench/fast_upstream.py) or werkzeug (bench/upstream.py)")
+    parser.add_argument("--keyword-router", action="store_true", help="LeMoE routes on keywords only")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    rows = run(args.streams, tuple(args.threads or (32, 256)))
+    rows = run(args.streams, tuple(args.threads or (32, 256)), upstream_kind=args.upstream,
+               keyword_router=args.keyword_router)
     print_rows(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

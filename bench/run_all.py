@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import bench_footprint, bench_overhead, bench_routing, bench_streams
-from bench.servers import REPO
+from bench.servers import REPO, UPSTREAMS
 
 BENCH = REPO / "bench"
 DEFAULT_PLOT_PYTHON = Path("/work/bench_venv/bin/python")
@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="server workers for LeMoE, the relay and LiteLLM")
     parser.add_argument("--plot-python", type=Path, default=DEFAULT_PLOT_PYTHON,
                         help="a Python with matplotlib, to draw bench/figures.png")
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fast",
+                        help="stand-in upstream: fast (bench/fast_upstream.py) or werkzeug (bench/upstream.py)")
+    parser.add_argument("--load", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator for (b): wrk when installed, else bench/load.py")
+    parser.add_argument("--keyword-router", action="store_true", help="LeMoE routes on keywords only in (b) and (c)")
     parser.add_argument("--out", type=Path, default=BENCH / "results.json")
     args = parser.parse_args(argv)
 
@@ -91,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     bench_routing.print_rows(results["routing"])
     print()
     bench_overhead.print_header()
-    results["overhead"] = bench_overhead.run(args.litellm, args.workers, skip_litellm=args.skip_litellm)
+    results["overhead"] = bench_overhead.run(args.litellm, args.workers, skip_litellm=args.skip_litellm,
+                                             upstream_kind=args.upstream, load=args.load,
+                                             keyword_router=args.keyword_router)
     print(f"start-up and memory after the load: {json.dumps(results['overhead']['servers'])}")
     if results["overhead"]["litellm"] is None:
         print("litellm proxy: not measured (no `litellm` command; pass --litellm PATH)")
     print()
-    results["streams"] = bench_streams.run()
+    results["streams"] = bench_streams.run(upstream_kind=args.upstream, keyword_router=args.keyword_router)
     bench_streams.print_rows(results["streams"])
     print()
     results["footprint"] = bench_footprint.run()

@@ -100,12 +100,14 @@ def start_upstream(tokens: int, delay_between: float = 0.0, kind: str = "fast") 
     return Server("upstream", url, process, time.monotonic() - started, extra={"kind": kind})
 
 
-def write_lemoe_project(root: Path, upstream_url: str, *, threads: int, workers: int) -> Path:
+def write_lemoe_project(root: Path, upstream_url: str, *, threads: int, workers: int,
+                        keyword_router: bool = False) -> Path:
     """A project folder whose experts are the stand-in upstream; returns its config.json.
 
     Expert 1 speaks Ollama, expert 2 OpenAI, so each client route is measured against the
     backend of its own protocol. The fallback is the packaged GGUF model, as in the default
-    configuration; the benchmark queries never reach it.
+    configuration; the benchmark queries never reach it. The router is the default one (the
+    packaged embedding model) unless `keyword_router`, which routes on keywords only.
     """
     (root / "config").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
@@ -124,7 +126,7 @@ def write_lemoe_project(root: Path, upstream_url: str, *, threads: int, workers:
     }
     config = {
         "server": {"host": "127.0.0.1", "workers": workers, "threads": threads, "log_file": "logs/lemoe.log"},
-        "router": {"model_path": "", "categories_file": "config/experts.json"},
+        "router": {"model_path": "", "categories_file": "config/experts.json"} if keyword_router else {},
         # Off: the default 60 per minute would answer most benchmark requests with 429.
         "rate_limit": {"per_minute": 0},
     }
