@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,6 +30,7 @@ DEFAULT_MAX_BATCH = 16
 @dataclass
 class _Job:
     texts: list[str]
+    wake: threading.Event = field(default_factory=threading.Event)
     vectors: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -41,13 +42,17 @@ class SharedPassEncoder:
     Passages (the experts' keywords and descriptions) are encoded once at start-up and go
     straight through. A call with more texts than `max_batch` (an evaluation run) is not
     batched with anything: it already amortises the weights on its own.
+
+    Each waiting caller sleeps on an event of its own, woken either because its vectors are
+    ready or because it is handed the encoder to run the next batch. (One shared condition
+    variable woke every waiter on every pass; under load that cost a third of the GIL.)
     """
 
     def __init__(self, inner: Encoder, max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self._inner = inner
         self._max_batch = max(1, max_batch)
         self.name = inner.name
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: list[_Job] = []
         self._busy = False
 
@@ -63,30 +68,34 @@ class SharedPassEncoder:
         if not texts or len(texts) > self._max_batch:
             return self._inner.encode_queries(texts)
         job = _Job(texts)
-        with self._cond:
+        with self._lock:
             self._queue.append(job)
-        while True:
-            with self._cond:
-                while self._busy and not job.done:
-                    self._cond.wait()
-                if job.done:
-                    break
-                # The encoder is idle and this job is still queued: run what is waiting.
+            leads = not self._busy
+            self._busy = True
+        if not leads:
+            job.wake.wait()
+        while not job.done:
+            # This thread holds the encoder: run what is waiting, then keep the encoder while
+            # its own job is still queued (older jobs filled the batch), else pass it on.
+            with self._lock:
                 batch = self._take_batch()
             self._run(batch)
+            with self._lock:
+                if job.done and self._queue:
+                    self._queue[0].wake.set()
+                elif job.done:
+                    self._busy = False
         return self._result(job)
 
     def _take_batch(self) -> list[_Job]:
-        # Called with the lock held, by a thread whose own job is still queued. Jobs go in
-        # arrival order, so the caller's job is in the batch unless older jobs fill it; then
-        # the caller runs those and goes round again.
+        # Jobs go in arrival order, so the caller's job is in the batch unless older jobs
+        # fill it.
         batch: list[_Job] = []
         count = 0
         while self._queue and (not batch or count + len(self._queue[0].texts) <= self._max_batch):
             job = self._queue.pop(0)
             batch.append(job)
             count += len(job.texts)
-        self._busy = True
         return batch
 
     def _run(self, batch: list[_Job]) -> None:
@@ -101,11 +110,9 @@ class SharedPassEncoder:
             for job in batch:
                 job.vectors = vectors[start : start + len(job.texts)]
                 start += len(job.texts)
-        with self._cond:
-            for job in batch:
-                job.done = True
-            self._busy = False
-            self._cond.notify_all()
+        for job in batch:
+            job.done = True
+            job.wake.set()
 
     def _result(self, job: _Job) -> np.ndarray:
         if job.error is not None:
