@@ -136,8 +136,9 @@ def measure(target: Target, concurrency: int, budget: Budget, pid: int,
         seconds = budget.wrk_seconds_c1 if concurrency == 1 else budget.seconds_c16
         run_wrk(target, concurrency=concurrency, seconds=warmup)
         cpu_before = tree_cpu_seconds(pid)
-        result: Result = run_wrk(target, concurrency=concurrency, seconds=seconds)
-        client_cpu = result.client_cpu_s
+        wrk_result = run_wrk(target, concurrency=concurrency, seconds=seconds)
+        result: Result = wrk_result
+        client_cpu = wrk_result.client_cpu_s
     elif concurrency == 1:
         run_load(target, concurrency=1, max_requests=budget.warmup_requests, max_seconds=10)
         cpu_before, client_before = tree_cpu_seconds(pid), _own_cpu_seconds()
@@ -196,8 +197,6 @@ def run(litellm_path: str | None = None, workers: int = 1, threads: int = 32,
     """Measure every case on every contender; returns the figures (also printed)."""
     litellm_bin = None if skip_litellm else find_litellm(litellm_path)
     load = pick_load_generator(load)
-    print(f"load generator: {describe_load_generator(load)}; upstream: {UPSTREAMS[upstream_kind]}; "
-          f"LeMoE router: {'keywords only' if keyword_router else 'default (embedding)'}", flush=True)
     upstream = start_upstream(TOKENS, kind=upstream_kind)
     workdir = Path(tempfile.mkdtemp(prefix="lemoe-bench-"))
     figures: dict[str, Any] = {"cases": [], "servers": {}, "workers": workers, "threads": threads,
@@ -267,7 +266,15 @@ def print_case(case: dict[str, Any]) -> None:
     print(f"{label} | {cells}", flush=True)
 
 
-def print_header() -> None:
+def describe_setup(load: str, upstream_kind: str, keyword_router: bool) -> str:
+    return (f"load generator: {describe_load_generator(pick_load_generator(load))}; "
+            f"upstream: {UPSTREAMS[upstream_kind]}; "
+            f"LeMoE router: {'keywords only' if keyword_router else 'default (embedding)'}")
+
+
+def print_header(setup: str = "") -> None:
+    if setup:
+        print(setup)
     print("(b) c=1: added latency (p50 minus direct p50, ms); c=16: requests/s; "
           "p99 in ms; cpu = server CPU ms per request")
     print(f"{'case':<18} | " + " | ".join(f"{c:<31}" for c in CONTENDERS), flush=True)
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="load generator: wrk (when installed, the default) or bench/load.py")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    print_header()
+    print_header(describe_setup(args.load, args.upstream, args.keyword_router))
     figures = run(args.litellm, args.workers, args.threads, skip_litellm=args.skip_litellm,
                   upstream_kind=args.upstream, load=args.load, keyword_router=args.keyword_router)
     print(json.dumps(figures["servers"], indent=2))

@@ -19,7 +19,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 OLLAMA_VERSION = "0.12.0"
@@ -46,7 +46,7 @@ def _sse(obj: Any) -> bytes:
 
 
 def _now() -> bytes:
-    return datetime.now(timezone.utc).isoformat().encode()
+    return datetime.now(UTC).isoformat().encode()
 
 
 class Answers:

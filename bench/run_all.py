@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     results["routing"] = bench_routing.run(bench_routing.routing_configs())
     bench_routing.print_rows(results["routing"])
     print()
-    bench_overhead.print_header()
+    bench_overhead.print_header(bench_overhead.describe_setup(args.load, args.upstream, args.keyword_router))
     results["overhead"] = bench_overhead.run(args.litellm, args.workers, skip_litellm=args.skip_litellm,
                                              upstream_kind=args.upstream, load=args.load,
                                              keyword_router=args.keyword_router)
