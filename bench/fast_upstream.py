@@ -3,7 +3,8 @@
 bench/upstream.py (the werkzeug fake the contract tests trust) spends about 1 ms of CPU per
 answer and closes the connection after each one; on a 2-core machine that shares the CPU with
 the server under test, the stand-in itself became the bottleneck. This one is one asyncio
-Protocol: answers are built from bytes precomputed per model, so a request costs about 0.1 ms.
+Protocol: answers are built from bytes precomputed per model, so a request costs 0.02-0.07 ms
+of CPU (about 50,000 answers/s from one core against wrk).
 The field shapes are copied from tests/fakes/fake_upstream.py.
 
 Prints its port on the first line of stdout, then serves until SIGTERM.
