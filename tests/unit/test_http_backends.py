@@ -11,9 +11,22 @@ import pytest
 import requests
 import urllib3.exceptions
 
-from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ThinkingDelta, ToolCallDelta
+from modules.chat_types import (
+    ChatEvent,
+    ChatRequest,
+    Done,
+    Message,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
+)
 from modules.config_manager import ExpertConfig, ServerConfig
-from modules.errors import ExpertError, ExpertStreamBroken, ExpertTimeout, ExpertUnavailable
+from modules.errors import (
+    ExpertError,
+    ExpertStreamBroken,
+    ExpertTimeout,
+    ExpertUnavailable,
+)
 from modules.http_backends import (
     OllamaBackend,
     OpenAIBackend,
@@ -220,7 +233,7 @@ def test_rejected_key_never_appears_in_the_error(
 def test_backend_down_is_unavailable(closed_port_url: str, make_backend) -> None:
     with pytest.raises(ExpertUnavailable) as info:
         list(make_backend(closed_port_url).stream_chat(_chat()))
-    assert isinstance(info.value.__cause__, requests.ConnectionError)
+    assert isinstance(info.value.__cause__, urllib3.exceptions.NewConnectionError)
 
 
 def test_error_status_is_unavailable_with_a_snippet(fake_upstream: FakeUpstream, make_backend) -> None:
