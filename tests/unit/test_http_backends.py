@@ -363,3 +363,34 @@ def test_mapped_messages_hide_the_key() -> None:
         with map_requests_exceptions("remote", secret=SECRET):
             raise requests.ConnectionError(f"proxy said: bad token {SECRET}")
     assert SECRET not in str(info.value) and "***" in str(info.value)
+
+
+# --- the transport: lines and proxies ------------------------------------------------------------
+
+
+def test_lines_are_split_like_requests_does() -> None:
+    from modules.http_backends import iter_lines
+
+    chunks = [b"data: a\nda", b"ta: b\r\n", b"\r\n", b"", b"data: c\rlast"]
+    expected = list(_requests_iter_lines(chunks))
+    assert list(iter_lines(chunks)) == expected == [b"data: a", b"data: b", b"", b"data: c", b"last"]
+    assert list(iter_lines([])) == []
+
+
+def _requests_iter_lines(chunks: list[bytes]):
+    # requests' own iter_lines over the same chunks, as the reference behaviour.
+    response = requests.models.Response()
+    response.iter_content = lambda chunk_size=512, decode_unicode=False: iter(chunks)  # type: ignore[method-assign]
+    return response.iter_lines()
+
+
+def test_the_environment_proxy_is_used_unless_no_proxy_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from modules.http_backends import connection_pool
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert isinstance(connection_pool("http://ollama.example:11434", 4), urllib3.ProxyManager)
+    monkeypatch.setenv("NO_PROXY", "ollama.example")
+    pool = connection_pool("http://ollama.example:11434", 4)
+    assert not isinstance(pool, urllib3.ProxyManager) and isinstance(pool, urllib3.PoolManager)
