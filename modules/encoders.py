@@ -35,7 +35,7 @@ import numpy as np
 from modules.generic_router import clip_message
 from modules.logger import get_logger
 from modules.paged_table import PagedTable
-from modules.use_onnx import INT8_SUFFIX
+from modules.use_onnx import GRAPH_VERSION, INT8_SUFFIX, OnnxUsePass, int8_model
 
 PACKAGED_ENCODER = "use-multilingual"
 PACKAGE_PREFIX = "pkg:"
@@ -112,8 +112,6 @@ def fast_pass(backend: Any, version: str) -> Any:
     if os.environ.get("LEMOE_ENCODER_PASS", "").strip().lower() == "numpy":
         return None
     try:
-        from modules.use_onnx import GRAPH_VERSION, OnnxUsePass, int8_model
-
         path = cache_root() / f"use-{version}-graph{GRAPH_VERSION}-int8.onnx"
         try:
             fast = OnnxUsePass(backend, int8_model(backend, path))
