@@ -52,6 +52,11 @@ _SNIPPET_CHARS = 200
 # Bytes per read of a streamed answer (what requests' iter_lines reads): a chunked answer still
 # arrives piece by piece, as the upstream sends it.
 _READ_BYTES = 512
+# After the final event an upstream sends at most the end of its body (a chunked stream's
+# terminator, a trailing blank line). Reading that lets the connection serve the next request;
+# an upstream that goes on sending, or stalls, loses its connection instead of our time.
+_TAIL_LINES = 8
+_TAIL_SECONDS = 0.5
 
 # Most specific first: ConnectTimeout is both a Timeout and a ConnectionError, and every
 # requests exception is also an OSError.
@@ -141,6 +146,31 @@ def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield pending
 
 
+def _read_tail(lines: Iterator[bytes], response: urllib3.BaseHTTPResponse) -> bool:
+    """Read what follows the final event; True if the body ended there (the connection is reusable).
+
+    Without this the unread terminator makes urllib3 see the pooled connection as dropped, and
+    every request paid for a new connection (and, in the upstream, a new handler).
+    """
+    sock = getattr(response.connection, "sock", None)
+    previous = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(_TAIL_SECONDS)
+        for count, _ in enumerate(lines, start=1):
+            if count > _TAIL_LINES:
+                return False
+        return True
+    except (urllib3.exceptions.HTTPError, OSError):
+        return False
+    finally:
+        if sock is not None:
+            try:
+                sock.settimeout(previous)
+            except OSError:
+                pass
+
+
 def connection_pool(base_url: str, size: int) -> urllib3.PoolManager:
     """A pool for one upstream, through the proxy the environment names for it, if any.
 
@@ -215,12 +245,13 @@ class _HttpBackend(ABC):
                         f"expert '{self._label}' answered HTTP {response.status}: "
                         f"{_body_snippet(response, self._api_key)}"
                     )
-                yield from self._events(iter_lines(response.stream(_READ_BYTES)))
-                finished = True
+                lines = iter_lines(response.stream(_READ_BYTES))
+                yield from self._events(lines)
+                finished = _read_tail(lines, response)
             finally:
                 # Also runs when the consumer closes us early (client gone): drop the upstream
-                # connection instead of leaving the upstream generating into a full socket. A
-                # finished answer leaves its connection in the pool for the next request.
+                # connection instead of leaving the upstream generating into a full socket. An
+                # answer read to the end of its body leaves its connection in the pool.
                 if not finished:
                     response.close()
                 response.release_conn()

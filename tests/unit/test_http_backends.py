@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import logging
 import threading
 import time
@@ -394,3 +396,95 @@ def test_the_environment_proxy_is_used_unless_no_proxy_says_otherwise(monkeypatc
     monkeypatch.setenv("NO_PROXY", "ollama.example")
     pool = connection_pool("http://ollama.example:11434", 4)
     assert not isinstance(pool, urllib3.ProxyManager) and isinstance(pool, urllib3.PoolManager)
+
+
+# --- connection reuse ----------------------------------------------------------------------------
+
+
+class _KeepAliveUpstream(http.server.ThreadingHTTPServer):
+    """HTTP/1.1 with keep-alive and chunked answers (the werkzeug fake closes every connection).
+
+    Counts the connections it accepted. `linger` seconds pass between the final event and the
+    end of the body, as from an upstream that is slow to finish (or never does).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, linger: float = 0.0) -> None:
+        self.connections = 0
+        self.linger = linger
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _KeepAliveHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _KeepAliveUpstream
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/api/chat":
+            events = [b'{"message":{"role":"assistant","content":"hi"},"done":false}\n',
+                      b'{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop"}\n']
+            content_type = "application/x-ndjson"
+        else:
+            events = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n',
+                      b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n',
+                      b"data: [DONE]\n\n"]
+            content_type = "text/event-stream"
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for event in events:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            self.wfile.flush()
+        time.sleep(self.server.linger)
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+
+@contextlib.contextmanager
+def _keep_alive_upstream(linger: float = 0.0) -> Iterator[_KeepAliveUpstream]:
+    server = _KeepAliveUpstream(linger)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_finished_answers_leave_their_connection_for_the_next(make_backend, kind: str) -> None:
+    with _keep_alive_upstream() as upstream:
+        backend = make_backend(upstream.url)
+        for _ in range(5):
+            events = list(backend.stream_chat(_chat()))
+            assert isinstance(events[-1], Done)
+        # The end of each body was read, so one connection served all five answers.
+        assert upstream.connections == 1
+
+
+def test_a_body_that_does_not_end_after_the_answer_costs_its_connection_not_the_answer(
+    make_backend, kind: str
+) -> None:
+    with _keep_alive_upstream(linger=3.0) as upstream:
+        backend = make_backend(upstream.url)
+        started = time.monotonic()
+        events = list(backend.stream_chat(_chat()))
+        took = time.monotonic() - started
+        assert isinstance(events[-1], Done)
+        assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "hi"
+        assert took < 2.0
+        list(backend.stream_chat(_chat()))
+        assert upstream.connections == 2
