@@ -1,15 +1,23 @@
 """LeMoE's HTTP server: the app factory, the route table and the error handlers.
 
 Run it with `./start.sh`, `python api_server.py [--config FILE] [--host H] [--port P]` (gunicorn
-with threaded workers), `python api_server.py --dev` (Flask's development server), or
-`gunicorn 'api_server:create_app()'`.
+with gevent workers), `python api_server.py --dev` (Flask's development server), or
+`gunicorn -k gevent 'api_server:create_app()'`.
 """
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" and "--dev" not in sys.argv:
+    # Before any other import: a lock or socket created unpatched would block the whole
+    # gevent worker (modules/blocking.py).
+    from modules.blocking import patch_for_gevent
+
+    patch_for_gevent()
+
 import argparse
 import os
-import sys
 from typing import Any
 
 from flask import Flask, request

@@ -186,7 +186,7 @@ def start_bare_relay(upstream_url: str, workdir: Path, *, threads: int, workers:
     started = time.monotonic()
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [str(gunicorn), "-k", "gthread", "--threads", str(threads), "-w", str(workers),
+            [str(gunicorn), "-k", "gevent", "--worker-connections", str(threads), "-w", str(workers),
              "--keep-alive", "5", "-b", f"127.0.0.1:{port}", "bench.bare_relay:create_app()"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )

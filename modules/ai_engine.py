@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import ExitStack, closing, contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from modules.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
+from modules.blocking import run_blocking
 from modules.model_pool import ModelPool
 from modules.openai_chunks import (
     ToolCallAssembler,
@@ -114,11 +116,14 @@ def map_llama_errors(failure: type[ExpertError], what: str) -> Iterator[None]:
 def load_llama(model_path: Path, local: LocalModelsConfig) -> LoadedLlama:
     """Load a GGUF file (raises the library's own exceptions; callers map them)."""
     with _LOAD_LOCK:
-        llm = llama_cpp.Llama(
-            model_path=str(model_path),
-            n_ctx=local.n_ctx,
-            n_threads=local.n_threads or None,
-            verbose=False,
+        llm = run_blocking(
+            partial(
+                llama_cpp.Llama,
+                model_path=str(model_path),
+                n_ctx=local.n_ctx,
+                n_threads=local.n_threads or None,
+                verbose=False,
+            )
         )
     return LoadedLlama(llm=llm, size_bytes=model_path.stat().st_size, formatter=_formatter_for(llm))
 
@@ -198,7 +203,7 @@ def _generate(
     with closing(chunks):
         while True:
             with map_llama_errors(ExpertStreamBroken, "generating"):
-                chunk = next(chunks, None)
+                chunk = run_blocking(next, chunks, None)
             if chunk is None:
                 break
             first_chunk_at = first_chunk_at or time.perf_counter_ns()

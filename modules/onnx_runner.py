@@ -38,6 +38,7 @@ from modules.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
+from modules.blocking import run_blocking
 from modules.model_pool import ModelPool
 
 # What onnxruntime-genai raises on bad folders, bad options or failed runs.
@@ -83,7 +84,7 @@ def load_onnx(model_dir: Path) -> LoadedOnnx:
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir} has no {GENAI_CONFIG}")
     genai_config = json.loads(config_path.read_text(encoding="utf-8"))
-    model = og.Model(str(model_dir))
+    model = run_blocking(og.Model, str(model_dir))
     tokenizer = og.Tokenizer(model)
     return LoadedOnnx(
         model=model,
@@ -174,7 +175,7 @@ def _generate(model: LoadedOnnx, request: ChatRequest, plan: _Plan) -> Iterator[
             params.set_guidance(*plan.guidance)
         generator = og.Generator(model.model, params)
         eval_started = time.perf_counter_ns()
-        generator.append_tokens(prompt_ids)
+        run_blocking(generator.append_tokens, prompt_ids)
         decoder = model.tokenizer.create_stream()
     stopper = StopScanner(plan.stops)
     sampled = 0
@@ -184,7 +185,7 @@ def _generate(model: LoadedOnnx, request: ChatRequest, plan: _Plan) -> Iterator[
         with map_onnx_errors(ExpertStreamBroken, "generating"):
             if generator.is_done():
                 break
-            generator.generate_next_token()
+            run_blocking(generator.generate_next_token)
             token = int(generator.get_next_tokens()[0])
             text = decoder.decode(token) if token not in model.eos_token_ids else ""
         first_token_at = first_token_at or time.perf_counter_ns()

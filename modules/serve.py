@@ -1,7 +1,11 @@
-"""Serve the app with gunicorn's threaded workers, configured from `AppConfig`.
+"""Serve the app with gunicorn's gevent workers, configured from `AppConfig`.
 
-Long streams hold a thread each, so the `gthread` worker is used: a sync worker would block
-every other request behind one slow answer.
+Each request is a greenlet: a long stream holds one greenlet, not a thread, and a worker's
+requests take turns on one OS thread instead of handing Python's GIL to each other. On the
+benchmark machine that is about 1.3 times the requests per second of the `gthread` worker for
+the same CPU (bench/README.md). The process must be patched for gevent before anything else is
+imported (`api_server.py` does it first thing); long native calls (local model generation and
+loading) run on gevent's thread pool (`modules/blocking.py`).
 
 Metrics from several workers: each worker is its own process, so prometheus-client runs in
 multiprocess mode. Before any worker starts, the master sets $PROMETHEUS_MULTIPROC_DIR (the
@@ -34,9 +38,10 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
         settings: dict[str, Any] = {
             "bind": f"{server.host}:{server.port}",
             "workers": server.workers,
-            "worker_class": "gthread",
-            "threads": server.threads,
-            # gthread workers heartbeat from their main loop, so this only kills a hung worker,
+            "worker_class": "gevent",
+            # Requests (and so open streams) one worker serves at once; more wait to be accepted.
+            "worker_connections": server.threads,
+            # The worker heartbeats from its own greenlet, so this only kills a hung worker,
             # never a long stream.
             "timeout": 120,
             "graceful_timeout": 10,

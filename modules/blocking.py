@@ -1,0 +1,63 @@
+"""Long native calls kept off the request loop, when the server runs one.
+
+Under gunicorn's gevent worker every request is a greenlet on the worker's one OS thread. A
+llama.cpp token, a prompt evaluation or a model load is tens of milliseconds to seconds of C code
+that never yields: run inline, it would stop every other request of the worker, `/health`
+included. These helpers run such calls on gevent's pool of real threads and let the other
+greenlets run meanwhile. Without gevent's patches (the test process, gunicorn's gthread worker,
+the development server) they just call, and threads already overlap.
+
+Short calls (the encoder's 0.3 ms pass, a classifier's few milliseconds) stay inline: a trip
+to another thread would cost about as much as it saves.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _thread_pool() -> Any | None:
+    """gevent's pool of real threads when this process is patched for gevent, else None."""
+    if "gevent" not in sys.modules:
+        return None
+    from gevent import get_hub, monkey
+
+    if not monkey.is_module_patched("threading"):
+        return None
+    return get_hub().threadpool
+
+
+def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    # Caught here rather than left to gevent, which would print the traceback to stderr: a
+    # library error is the caller's to map and log, sanitised.
+    try:
+        return True, function(*args)
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's greenlet
+        return False, exc
+
+
+def run_blocking(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)`, on a real thread if the caller is a greenlet (exceptions re-raised)."""
+    pool = _thread_pool()
+    if pool is None:
+        return function(*args)
+    ok, value = pool.apply(_outcome, (function, args))
+    if not ok:
+        raise value
+    result: T = value
+    return result
+
+
+def patch_for_gevent() -> None:
+    """Make sockets, locks, sleeps and threads cooperative, before anything else imports them.
+
+    Locks created before the patch would be real ones: a greenlet waiting on one held by another
+    greenlet would stop the whole worker. So the server entry point calls this first thing.
+    """
+    from gevent import monkey
+
+    monkey.patch_all()
