@@ -123,3 +123,36 @@ def test_client_that_stops_reading_a_stream_is_dropped_and_the_expert_stopped(
         assert fake_upstream.wait_for_disconnects(1, timeout=CLIENT_TIMEOUT + 8)
     r = requests.post(two_threads.url + "/api/chat", data=CHAT, timeout=15)
     assert r.status_code == 200
+
+
+def test_dribbled_headers_are_cut_after_the_keep_alive_time(two_threads: LiveServer) -> None:
+    # gunicorn's gevent worker gives a request line and its headers the keep-alive time (5 s)
+    # to arrive; a client sending a byte every 0.2 s would otherwise hold a connection slot
+    # for as long as it likes.
+    with connection(two_threads) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed = False
+        for _ in range(100):
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+            sock.setblocking(False)
+            try:
+                closed = sock.recv(65536) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                closed = True
+            sock.setblocking(True)
+            if closed:
+                break
+        took = time.monotonic() - started
+    assert closed
+    assert took < 5 + 3
+    # The slot is free again: a normal request is answered.
+    r = requests.post(two_threads.url + "/api/chat", data=CHAT, timeout=15)
+    assert r.status_code == 200
