@@ -1,6 +1,6 @@
 """The baseline: a bare Flask relay that forwards every request to one upstream, nothing else.
 
-    RELAY_UPSTREAM=http://127.0.0.1:PORT gunicorn -k gthread --threads 32 'bench.bare_relay:create_app()'
+    RELAY_UPSTREAM=http://127.0.0.1:PORT gunicorn -k gevent --worker-connections 32 'bench.bare_relay:create_app()'
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Bounds on slow clients, so that one cannot hold a gunicorn worker thread forever.
+"""Bounds on slow clients, so that one cannot hold one of a worker's request slots forever.
 
-What gunicorn's gthread worker already does: a new connection waits in the worker's poller (not
-in a thread) until its first byte arrives, at most 5 seconds before it is put back; an idle
-keep-alive connection is closed after `keepalive` seconds (5, in serve.py). What it does not do:
-bound a client that sends its body slowly, or one that stops reading a streamed answer; the
-thread then blocks on the socket with no timeout.
+What gunicorn's gevent worker already does: a request line and its headers must arrive within
+`keepalive` seconds (5, in serve.py), and an idle keep-alive connection is closed after as long.
+What it does not do: bound a client that sends its body slowly, or one that stops reading a
+streamed answer; the request then waits on the socket with no timeout.
 
 This module closes those two holes from inside the app, through the request's socket
 (`environ["gunicorn.socket"]`):
@@ -15,9 +14,10 @@ This module closes those two holes from inside the app, through the request's so
 - every write of the answer must make progress within `seconds`: a client that stops reading
   gets its connection closed, which closes the answer's generator and so stops the expert.
 
-Not covered: a client that dribbles its request *headers*. gunicorn parses them before the app
-runs, on a blocking socket; put a reverse proxy with a header timeout (nginx
-`client_header_timeout`) in front of a server exposed to untrusted networks.
+Headers dribbled byte by byte are gunicorn's to bound (the keep-alive time above), since it
+parses them before the app runs. Under plain gunicorn with `-k gthread` they are not bounded:
+put a reverse proxy with a header timeout (nginx `client_header_timeout`) in front of such a
+server if it is exposed to untrusted networks.
 """
 
 from __future__ import annotations

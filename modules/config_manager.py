@@ -36,7 +36,7 @@ class ServerConfig(_Strict):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(11435, ge=1, le=65535, description="TCP port (Ollama's is 11434).")
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
-    threads: int = Field(256, ge=1, le=1024, description="Threads per worker (one per open stream).")
+    threads: int = Field(256, ge=1, le=1024, description="Requests one worker serves at once (one per open stream).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a remote expert.")
     read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for an expert's next chunk.")

@@ -191,7 +191,8 @@ class OnnxUsePass:
         import onnxruntime as ort  # type: ignore[import-untyped]
 
         options = ort.SessionOptions()
-        # One thread per run: requests already run side by side, one per server thread.
+        # One thread per run: a pass over a dozen tokens is too small to split between cores,
+        # and the other core has the rest of the server's work.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

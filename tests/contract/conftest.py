@@ -1,4 +1,4 @@
-"""A real LeMoE server (gunicorn, threaded workers) on a free loopback port, for the whole run.
+"""A real LeMoE server (gunicorn, gevent worker) on a free loopback port, for the whole run.
 
 Its experts point at the loopback fake upstream (tests/fakes/fake_upstream.py), at a port where
 nothing listens, and — for the fallback expert — at the real packaged SmolLM2 GGUF model.
