@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import ExitStack, closing, contextmanager
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from llama_cpp.llama_chat_format import (
 )
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
+from modules.blocking import run_blocking
 from modules.chat_types import (
     ChatEvent,
     ChatRequest,
@@ -45,7 +46,6 @@ from modules.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
-from modules.blocking import run_blocking
 from modules.model_pool import ModelPool
 from modules.openai_chunks import (
     ToolCallAssembler,

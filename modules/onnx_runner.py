@@ -30,6 +30,7 @@ from typing import Any
 
 import onnxruntime_genai as og  # type: ignore[import-untyped]
 
+from modules.blocking import run_blocking
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, Usage
 from modules.config_manager import ExpertConfig, LocalModelsConfig
 from modules.errors import (
@@ -38,7 +39,6 @@ from modules.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
-from modules.blocking import run_blocking
 from modules.model_pool import ModelPool
 
 # What onnxruntime-genai raises on bad folders, bad options or failed runs.
