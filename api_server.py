@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__" and "--dev" not in sys.argv:
-    # Before any other import: a lock or socket created unpatched would block the whole
-    # gevent worker (modules/blocking.py).
-    from modules.blocking import patch_for_gevent
+if __name__ == "__main__":
+    # The server command (modules/serve.py), before any other import: gevent must patch before
+    # a lock or socket exists (modules/blocking.py), and the gunicorn master has no use for
+    # Flask and the rest of this file; its workers import it again, as `api_server`.
+    if "--dev" not in sys.argv:
+        from modules.blocking import patch_for_gevent
 
-    patch_for_gevent()
+        patch_for_gevent()
+    from modules.serve import main
 
-import argparse
-import os
+    sys.exit(main())
+
 from typing import Any
 
 from flask import Flask, request
@@ -27,11 +30,10 @@ from modules import health, metrics, web_ui
 from modules import http_views as views
 from modules.api_keys import init_api_keys
 from modules.client_timeouts import client_timeout_from_environment, init_client_timeouts
-from modules.config_manager import AppConfig, load_config, with_overrides
+from modules.config_manager import AppConfig, config_from_environment
 from modules.cors import init_cors
 from modules.errors import (
     BodyTooLarge,
-    ConfigError,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -46,7 +48,7 @@ log = get_logger("server")
 
 
 def create_app(config: AppConfig | None = None) -> Flask:
-    config = config or _config_from_environment()
+    config = config or config_from_environment()
     setup_logging(config.server, config.project_dir)
     # No static folder: every URL is in the route table below, nothing is served from disk.
     app = Flask(__name__, static_folder=None)
@@ -168,42 +170,3 @@ def register_error_handlers(app: Flask) -> None:
         err = RequestError("internal server error")
         err.status_code = 500  # type: ignore[misc]
         return _error_response(err)
-
-
-def _config_from_environment() -> AppConfig:
-    """The config named by $LEMOE_CONFIG (or the default), with $LEMOE_HOST / $LEMOE_PORT applied."""
-    config = load_config(os.environ.get("LEMOE_CONFIG") or None)
-    port = os.environ.get("LEMOE_PORT")
-    return with_overrides(config, host=os.environ.get("LEMOE_HOST"), port=int(port) if port else None)
-
-
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="LeMoE: an Ollama/OpenAI-compatible router of expert models.")
-    parser.add_argument("--config", help="config.json to use (default: $LEMOE_CONFIG or config/config.json)")
-    parser.add_argument("--host", help="address to listen on (overrides server.host)")
-    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
-    parser.add_argument("--workers", type=int, help="gunicorn worker processes (overrides server.workers)")
-    parser.add_argument("--dev", action="store_true", help="use Flask's development server instead of gunicorn")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.config:
-            os.environ["LEMOE_CONFIG"] = os.path.abspath(args.config)
-        config = with_overrides(_config_from_environment(), host=args.host, port=args.port, workers=args.workers)
-    except ConfigError as exc:
-        print(f"LeMoE: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    if args.dev:
-        create_app(config).run(host=config.server.host, port=config.server.port, threaded=True)
-        return 0
-    from modules.serve import serve_with_gunicorn
-
-    serve_with_gunicorn(config)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

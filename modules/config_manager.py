@@ -436,3 +436,10 @@ def with_overrides(config: AppConfig, **server_fields: Any) -> AppConfig:
     except ValidationError as exc:
         raise ConfigError(_describe(Path("command line"), exc)) from exc
     return config.model_copy(update={"server": server})
+
+
+def config_from_environment() -> AppConfig:
+    """The config named by $LEMOE_CONFIG (or the default), with $LEMOE_HOST / $LEMOE_PORT applied."""
+    config = load_config(os.environ.get("LEMOE_CONFIG") or None)
+    port = os.environ.get("LEMOE_PORT")
+    return with_overrides(config, host=os.environ.get("LEMOE_HOST"), port=int(port) if port else None)

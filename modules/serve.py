@@ -1,4 +1,5 @@
-"""Serve the app with gunicorn's gevent workers, configured from `AppConfig`.
+"""The server command (`python api_server.py`): gunicorn's gevent workers, configured from
+`AppConfig`, or Flask's development server with `--dev`.
 
 Each request is a greenlet: a long stream holds one greenlet, not a thread, and a worker's
 requests take turns on one OS thread instead of handing Python's GIL to each other. On the
@@ -16,16 +17,50 @@ counters stay in the totals, as counters must.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
-from modules.config_manager import AppConfig
-from modules.metrics import MULTIPROC_ENV
+from modules.config_manager import AppConfig, config_from_environment, with_overrides
+from modules.errors import ConfigError
+
+# prometheus-client's own variable (modules/metrics.py reads it in the workers). Named here,
+# not imported from there: the master imports nothing of the app, Flask included.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LeMoE: an Ollama/OpenAI-compatible router of expert models.")
+    parser.add_argument("--config", help="config.json to use (default: $LEMOE_CONFIG or config/config.json)")
+    parser.add_argument("--host", help="address to listen on (overrides server.host)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument("--workers", type=int, help="gunicorn worker processes (overrides server.workers)")
+    parser.add_argument("--dev", action="store_true", help="use Flask's development server instead of gunicorn")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.config:
+            os.environ["LEMOE_CONFIG"] = os.path.abspath(args.config)
+        config = with_overrides(config_from_environment(), host=args.host, port=args.port, workers=args.workers)
+    except ConfigError as exc:
+        print(f"LeMoE: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if args.dev:
+        from api_server import create_app
+
+        create_app(config).run(host=config.server.host, port=config.server.port, threaded=True)
+        return 0
+    serve_with_gunicorn(config)
+    return 0
 
 
 class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
