@@ -1,4 +1,4 @@
-"""Slow clients cannot hold a worker thread: a server with two threads and a 1-second client
+"""Slow clients cannot hold a request slot: a server with two slots (`threads: 2`) and a 1-second client
 timeout ($LEMOE_CLIENT_TIMEOUT) against clients that stall or dribble their body, or stop reading
 a streamed answer."""
 
