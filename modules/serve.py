@@ -3,7 +3,7 @@
 
 Each request is a greenlet: a long stream holds one greenlet, not a thread, and a worker's
 requests take turns on one OS thread instead of handing Python's GIL to each other. On the
-benchmark machine that is about 1.3 times the requests per second of the `gthread` worker for
+benchmark machine that is 1.2 to 1.3 times the requests per second of the `gthread` worker for
 the same CPU (bench/README.md). The process must be patched for gevent before anything else is
 imported (`api_server.py` does it first thing); long native calls (local model generation and
 loading) run on gevent's thread pool (`modules/blocking.py`).
