@@ -125,15 +125,15 @@ def _plot_confusion(report: dict, out: Path) -> None:
 
 
 def _calibrate(config: AppConfig, data: str, out: str, recall: float) -> int:
+    from modules.calibration import calibrate, calibrated_config, calibration_json, calibration_report
     from modules.embedding_router import EmbeddingRouter
-    from modules.route_eval import calibrate, calibrated_config, calibration_json, read_rows
+    from modules.route_eval import read_rows
     from modules.router_factory import build_router
 
     router = build_router(config)
     if not isinstance(router, EmbeddingRouter):
         print("calibrate needs the embedding router (router.model_path set, mode generic)", file=sys.stderr)
         return 2
-    calibration = calibrate(router, read_rows(Path(data)), target_fallback_recall=recall)
     out_path = Path(out).resolve()
     readout = out_path.with_suffix(".calibration.json")
     try:
@@ -141,11 +141,15 @@ def _calibrate(config: AppConfig, data: str, out: str, recall: float) -> int:
     except ValueError:
         print(f"--out must be inside the project folder {config.project_dir}", file=sys.stderr)
         return 2
-    _write_atomically(readout, json.dumps(calibration_json(calibration, router.anchors.labels)))
+    calibration = calibrate(router, read_rows(Path(data)), target_fallback_recall=recall)
+    print(calibration_report(calibration))
+    if not calibration.accepted:
+        return 1
+    _write_atomically(readout, json.dumps(calibration_json(calibration)))
     raw = json.loads(config.config_path.read_text(encoding="utf-8"))
     raw.setdefault("router", {})["categories_file"] = str(config.experts_path.relative_to(config.project_dir))
-    _write_atomically(out_path, json.dumps(calibrated_config(raw, calibration, readout_rel), indent=4))
-    print(f"confidence_threshold {calibration.confidence_threshold:.3f}; wrote {out_path} and {readout}")
+    _write_atomically(out_path, json.dumps(calibrated_config(raw, readout_rel), indent=4))
+    print(f"wrote {out_path} and {readout}")
     return 0
 
 

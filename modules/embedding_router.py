@@ -17,10 +17,10 @@ How the raw scores become a confidence is where this router differs from the ref
   probability mass when no expert stands out, which is what sends off-topic and injection text to
   the fallback expert, and since unrelated experts sit near 0 they add little mass, so the top
   probability barely depends on how many experts there are.
-- A calibration file (`calibration_file`, written by `calibrate` in route_eval.py) replaces that
-  step with a read-out learned on labelled rows: a linear layer over the query's similarity to
-  every keyword and description of the configuration, with a "none" class. It is tied to the
-  experts and the encoder it was fitted on and is ignored (with a warning) when they change.
+- A calibration file (`calibration_file`, written by `main.py calibrate`, see calibration.py)
+  learns on top of those probabilities, never instead of them: a residual read-out over the
+  query vector, for the experts that had labelled rows only. It is tied to the experts and the
+  encoder it was fitted on and is ignored (with a warning) when they change.
 
 The chain is the reference's: the last user message ("embedding"), then the last
 `context_messages` messages joined ("cascade"), then the keyword + fuzzy stage of
@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from modules.calibration import Readout, apply_readout, readout_from_json
 from modules.chat_types import RouteDecision, RouteMethod
 from modules.config_manager import AppConfig, ExpertConfig, RouterConfig
 from modules.encoders import Encoder, build_encoder, cached_vectors
@@ -111,9 +112,6 @@ BACKGROUND_TEXTS = (
     "Dame consejos para cultivar tomates.",
     "¿Qué es la democracia?",
 )
-# Cosines are multiplied by this before the calibrated read-out so that its weights stay O(1).
-READOUT_FEATURE_SCALE = 10.0
-CALIBRATION_FORMAT = 1
 # Under the project's data/ folder (kept out of git).
 EMBEDDING_CACHE_DIR = "embedding_cache"
 
@@ -254,15 +252,6 @@ class ExpertAnchors:
     fingerprint: str
 
 
-@dataclass(frozen=True)
-class Readout:
-    """A linear layer learned by `calibrate`: anchor similarities -> E expert logits + "none"."""
-
-    weights: np.ndarray  # (nk + E) x (E + 1)
-    bias: np.ndarray  # (E + 1,)
-    fingerprint: str
-
-
 def routed_experts(experts: Sequence[ExpertConfig]) -> list[ExpertConfig]:
     """The experts that can win a route: all but the fallback, with something to match on."""
     return [
@@ -382,70 +371,14 @@ def background_stats(raw_background: np.ndarray) -> tuple[float, float]:
     return float(raw_background.mean()), max(float(raw_background.std()), 1e-6)
 
 
-def readout_features(anchors: ExpertAnchors, query_vectors: np.ndarray) -> np.ndarray:
-    """What the calibrated read-out looks at: similarity to every keyword and description."""
-    sims = np.concatenate(
-        [
-            query_vectors @ anchors.keyword_vectors.T,
-            query_vectors @ anchors.description_vectors.T,
-        ],
-        axis=1,
-    )
-    return sims * READOUT_FEATURE_SCALE
-
-
-def readout_probabilities(readout: Readout, features: np.ndarray) -> np.ndarray:
-    """Expert probabilities plus "none" (last column) from a calibrated read-out."""
-    return softmax(features @ readout.weights + readout.bias)
-
-
-def gate_probabilities(
-    readout_probs: np.ndarray, standardized_probs: np.ndarray, gate: float
-) -> np.ndarray:
-    """Read-out probabilities, except rows the standardised scoring rules out (none >= gate).
-
-    Those rows take the standardised probabilities, where "none" wins, so the explanation
-    shows the scores that decided.
-    """
-    ruled_out = standardized_probs[:, -1] >= gate
-    return np.where(ruled_out[:, None], standardized_probs, readout_probs)
-
-
-def readout_to_json(readout: Readout, labels: Sequence[str]) -> dict[str, Any]:
-    return {
-        "format": CALIBRATION_FORMAT,
-        "fingerprint": readout.fingerprint,
-        "labels": list(labels),
-        "weights": np.round(readout.weights, 6).tolist(),
-        "bias": np.round(readout.bias, 6).tolist(),
-    }
-
-
-def readout_from_json(
-    data: Mapping[str, Any], anchors: ExpertAnchors
-) -> Readout | None:
-    """The read-out in `data` if it was fitted on these very anchors, else None."""
-    if (
-        data.get("format") != CALIBRATION_FORMAT
-        or data.get("fingerprint") != anchors.fingerprint
-    ):
-        return None
-    weights = np.asarray(data["weights"], dtype=np.float64)
-    bias = np.asarray(data["bias"], dtype=np.float64)
-    expected = (
-        len(anchors.keyword_owner) + len(anchors.labels),
-        len(anchors.labels) + 1,
-    )
-    if weights.shape != expected or bias.shape != (expected[1],):
-        return None
-    return Readout(weights, bias, anchors.fingerprint)
-
-
 def load_readout(path: Path, anchors: ExpertAnchors) -> Readout | None:
     """Read a calibration file; a stale or unreadable one is ignored with a warning."""
     try:
         readout = readout_from_json(
-            json.loads(path.read_text(encoding="utf-8")), anchors
+            json.loads(path.read_text(encoding="utf-8")),
+            anchors.labels,
+            anchors.fingerprint,
+            anchors.keyword_vectors.shape[1],
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning(
@@ -454,7 +387,7 @@ def load_readout(path: Path, anchors: ExpertAnchors) -> Readout | None:
         return None
     if readout is None:
         logger.warning(
-            "calibration file %s ignored: it was fitted on other experts or another encoder; re-run calibrate",
+            "calibration file %s ignored: it was fitted on other experts or another encoder, or by an older LeMoE; re-run calibrate",
             path,
         )
     return readout
@@ -464,6 +397,8 @@ def load_readout(path: Path, anchors: ExpertAnchors) -> Readout | None:
 class _Step:
     probs: np.ndarray  # (E + 1,), last = "none"
     scores: dict[str, float] = field(default_factory=dict)
+    # The bar the winner must reach: the calibration's for decisions its read-out made.
+    threshold: float = 0.0
 
 
 class EmbeddingRouter:
@@ -525,15 +460,21 @@ class EmbeddingRouter:
             self._settings.standardized_temperature,
         )
 
-    def probabilities(self, query_vectors: np.ndarray) -> np.ndarray:
-        """Expert probabilities plus "none" (last column) for a batch of query vectors."""
+    @property
+    def config_threshold(self) -> float:
+        return self._config.confidence_threshold
+
+    def probabilities(self, query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Expert probabilities plus "none" (last column) for a batch of query vectors, and
+        each row's confidence threshold."""
         base = self.standardized_probabilities(query_vectors)
+        thresholds = np.full(len(base), self._config.confidence_threshold)
         if self.readout is None:
-            return base
-        learned = readout_probabilities(
-            self.readout, readout_features(self.anchors, query_vectors)
+            return base, thresholds
+        probs, tuned = apply_readout(
+            base, query_vectors, self.readout, self._settings.calibrated_oos_gate
         )
-        return gate_probabilities(learned, base, self._settings.calibrated_oos_gate)
+        return probs, np.where(tuned, self.readout.threshold, thresholds)
 
     def route(self, user_texts: Sequence[str]) -> RouteDecision:
         """Choose an expert for the conversation whose user turns are `user_texts`."""
@@ -619,20 +560,18 @@ class EmbeddingRouter:
         )
 
     def _score(self, text: str) -> _Step:
-        probs = self.probabilities(self._encoder.encode_queries([text]))[0]
-        scores = {label: float(p) for label, p in zip(self.anchors.labels, probs[:-1])}
+        probs, thresholds = self.probabilities(self._encoder.encode_queries([text]))
+        scores = {label: float(p) for label, p in zip(self.anchors.labels, probs[0, :-1])}
         # The fallback expert's score is the share of "none of these experts".
-        scores[self._fallback.label] = float(probs[-1])
-        return _Step(probs, scores)
+        scores[self._fallback.label] = float(probs[0, -1])
+        return _Step(probs[0], scores, float(thresholds[0]))
 
     def _accept(
         self, step: _Step, method: RouteMethod, context: str | None
     ) -> RouteDecision | None:
         best = int(np.argmax(step.probs[:-1]))
         confidence = float(step.probs[best])
-        if confidence < self._config.confidence_threshold or confidence <= float(
-            step.probs[-1]
-        ):
+        if confidence < step.threshold or confidence <= float(step.probs[-1]):
             return None
         label = self.anchors.labels[best]
         return RouteDecision(

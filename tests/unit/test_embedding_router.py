@@ -9,18 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modules.calibration import Readout, readout_to_json
 from modules.config_manager import ExpertConfig, RouterConfig
 from modules.embedding_router import (
     EmbeddingRouter,
     EmbeddingSettings,
     ExpertAnchors,
-    Readout,
-    gate_probabilities,
     hybrid_scores,
     hybrid_signals,
     is_follow_up,
     load_readout,
-    readout_to_json,
     reference_probabilities,
     settings_from_router_config,
     standardized_probabilities,
@@ -223,13 +221,6 @@ def test_none_wins_when_no_expert_stands_out() -> None:
     assert probs[0].argmax() == 3
 
 
-def test_gate_replaces_only_rows_ruled_out() -> None:
-    learned = np.array([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05]])
-    standard = np.array([[0.6, 0.1, 0.3], [0.05, 0.05, 0.9]])
-    gated = gate_probabilities(learned, standard, 0.7)
-    np.testing.assert_array_equal(gated, [learned[0], standard[1]])
-
-
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -372,13 +363,13 @@ def test_restart_with_unchanged_config_encodes_no_keyword(
 def test_calibration_is_used_only_with_the_anchors_it_was_fitted_on(
     router: EmbeddingRouter, encoder: Encoder, tmp_path: Path
 ) -> None:
-    n_features = len(router.anchors.keyword_owner) + len(router.anchors.labels)
+    n_features = router.anchors.keyword_vectors.shape[1]
     n_classes = len(router.anchors.labels) + 1
-    # A read-out that always says "travel", whatever the query.
+    # A read-out over every class that always says "travel", whatever the query.
     bias = np.zeros(n_classes)
-    bias[router.anchors.labels.index("travel")] = 20.0
+    bias[router.anchors.labels.index("travel")] = 60.0
     readout = Readout(
-        np.zeros((n_features, n_classes)), bias, router.anchors.fingerprint
+        tuple(range(n_classes)), np.zeros((n_features, n_classes)), bias, 0.4, router.anchors.fingerprint
     )
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps(readout_to_json(readout, router.anchors.labels)))

@@ -101,7 +101,7 @@ def test_calibrate_writes_a_config_that_eval_accepts(tmp_path: Path) -> None:
     (tmp_path / "config").mkdir()
     shutil.copy(REPO / "config" / "experts.json", tmp_path / "config" / "experts.json")
     (tmp_path / "config" / "config.json").write_text(json.dumps({"server": {"log_file": ""}}))
-    data = write_rows(tmp_path / "rows.jsonl", ROWS * 3)
+    data = write_rows(tmp_path / "rows.jsonl", ROWS * 5)
     out = run_main("--config", str(tmp_path / "config" / "config.json"), "calibrate", str(data),
                    "--out", str(tmp_path / "config" / "calibrated.json"), project=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -110,3 +110,18 @@ def test_calibrate_writes_a_config_that_eval_accepts(tmp_path: Path) -> None:
     assert (tmp_path / "config" / "calibrated.calibration.json").exists()
     again = run_main("--config", str(tmp_path / "config" / "calibrated.json"), "eval", str(data), project=tmp_path)
     assert again.returncode == 0, again.stderr
+
+
+def test_calibrate_refuses_what_it_cannot_measure_and_writes_nothing(tmp_path: Path) -> None:
+    import shutil
+
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "config" / "experts.json", tmp_path / "config" / "experts.json")
+    (tmp_path / "config" / "config.json").write_text(json.dumps({"server": {"log_file": ""}}))
+    data = write_rows(tmp_path / "rows.jsonl", ROWS)  # one or two rows per expert
+    out = run_main("--config", str(tmp_path / "config" / "config.json"), "calibrate", str(data),
+                   "--out", str(tmp_path / "config" / "calibrated.json"), project=tmp_path)
+    assert out.returncode == 1
+    assert "refused" in out.stdout and "not tuned" in out.stdout
+    assert not (tmp_path / "config" / "calibrated.json").exists()
+    assert not (tmp_path / "config" / "calibrated.calibration.json").exists()

@@ -1,4 +1,4 @@
-"""Eval report metrics on hand-made rows, and calibration of the embedding router."""
+"""Eval report metrics on hand-made rows."""
 
 from __future__ import annotations
 
@@ -6,25 +6,15 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from modules.chat_types import RouteDecision
-from modules.config_manager import ExpertConfig, RouterConfig
-from modules.embedding_router import EmbeddingRouter, EmbeddingSettings, load_readout
-from modules.encoders import PACKAGED_ENCODER, build_encoder
 from modules.route_eval import (
     Routed,
     accuracy_report,
-    calibrate,
-    calibrated_config,
-    calibration_json,
-    choose_threshold,
     confusion_matrix,
-    decide,
     eval_report,
     expected_label,
-    fit_readout,
     precision_recall_f1,
     read_rows,
     route_rows,
@@ -165,126 +155,3 @@ def test_route_rows_passes_context_and_reports_progress() -> None:
     assert seen == [["a", "b"], ["c"]]
     assert [r.expected for r in routed] == ["coding", "fallback"]
     assert progress == [(1, 2), (2, 2)]
-
-
-def test_decide_and_choose_threshold_reach_the_fallback_target() -> None:
-    # Columns: expert a, expert b, none. Two in-scope rows, two out-of-scope rows whose
-    # expert probability is only moderately high.
-    probs = np.array(
-        [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.6, 0.1, 0.3], [0.55, 0.15, 0.3]]
-    )
-    targets = np.array([0, 1, 2, 2])
-    np.testing.assert_array_equal(decide(probs, 0.5), [0, 1, 0, 0])
-    threshold, accuracy, recall = choose_threshold(
-        probs, targets, target_fallback_recall=1.0
-    )
-    assert 0.6 < threshold <= 0.8
-    assert (accuracy, recall) == (1.0, 1.0)
-
-
-def test_fit_readout_separates_separable_classes() -> None:
-    rng = np.random.default_rng(1)
-    centers = np.array([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]])
-    targets = np.repeat([0, 1, 2], 30)
-    features = centers[targets] + rng.normal(0, 0.5, (90, 2))
-    weights, bias = fit_readout(features, targets, 3, l2=1e-3, steps=500)
-    assert ((features @ weights + bias).argmax(axis=1) == targets).mean() > 0.95
-
-
-EXPERTS = (
-    ExpertConfig(
-        id=0,
-        label="fallback",
-        description="General assistant.",
-        type="ollama",
-        url="http://127.0.0.1:11434",
-        model_name="m",
-    ),
-    ExpertConfig(
-        id=1,
-        label="coding",
-        description="Writes and debugs code.",
-        keywords=["python", "bug", "function", "script"],
-        type="ollama",
-        url="http://127.0.0.1:11434",
-        model_name="m",
-    ),
-    ExpertConfig(
-        id=2,
-        label="cooking",
-        description="Recipes and cooking.",
-        keywords=["recipe", "bake", "oven", "dinner"],
-        type="ollama",
-        url="http://127.0.0.1:11434",
-        model_name="m",
-    ),
-)
-CALIBRATION_ROWS = [
-    *(
-        {"text": t, "label": "coding"}
-        for t in [
-            "fix my python script",
-            "why does this function crash",
-            "write a sorting algorithm",
-            "debug this javascript error",
-            "explain recursion in code",
-            "my loop never ends",
-        ]
-    ),
-    *(
-        {"text": t, "label": "cooking"}
-        for t in [
-            "how long to roast a chicken",
-            "a quick pasta dinner",
-            "bake bread at home",
-            "what spices go with lamb",
-            "a vegan dessert idea",
-            "how to make pancakes",
-        ]
-    ),
-    *(
-        {"text": t, "label": "oos"}
-        for t in [
-            "who won the world cup",
-            "what is the capital of peru",
-            "tell me about black holes",
-            "who painted guernica",
-            "how tall is the eiffel tower",
-            "when did rome fall",
-        ]
-    ),
-]
-
-
-def test_calibrate_writes_a_readout_the_router_uses(tmp_path: Path) -> None:
-    encoder = build_encoder(PACKAGED_ENCODER)
-    assert encoder is not None
-    router = EmbeddingRouter(EXPERTS, RouterConfig(), encoder)
-    calibration = calibrate(
-        router, CALIBRATION_ROWS, target_fallback_recall=0.5, folds=2, l2_grid=(1e-2,)
-    )
-    assert 0.0 <= calibration.confidence_threshold <= 0.95
-    assert calibration.oof_accuracy > 0.6
-
-    path = tmp_path / "calibration.json"
-    path.write_text(json.dumps(calibration_json(calibration, router.anchors.labels)))
-    assert load_readout(path, router.anchors) is not None
-    config = calibrated_config(
-        {"router": {"confidence_threshold": 0.4}},
-        calibration,
-        "config/calibration.json",
-    )
-    assert config["router"] == {
-        "confidence_threshold": calibration.confidence_threshold,
-        "calibration_file": "config/calibration.json",
-    }
-
-    calibrated = EmbeddingRouter(
-        EXPERTS,
-        RouterConfig(confidence_threshold=calibration.confidence_threshold),
-        encoder,
-        settings=EmbeddingSettings(calibration_file=str(path)),
-    )
-    assert calibrated.readout is not None
-    assert calibrated.route(["my python function has a bug"]).label == "coding"
-    assert calibrated.route(["a recipe for dinner tonight"]).label == "cooking"
