@@ -124,10 +124,12 @@ def _quoted_conversation(text: str, system_texts: Sequence[str]) -> tuple[str, .
     if history is not None:
         inner, end = history
         turns = _user_turns_in_history(inner)
-        # Autocomplete: the text being typed is the user's next turn.
-        typed = _block(text, lower, "<text>", "</text>", end)
-        if typed is not None and typed[0].strip():
-            turns.append(typed[0].strip())
+        if not turns:
+            # Autocomplete in an empty chat: the text being typed is all there is. In a chat,
+            # the half-typed words are too little to route on; the chat's last turn decides.
+            typed = _block(text, lower, "<text>", "</text>", end)
+            if typed is not None and typed[0].strip():
+                turns.append(typed[0].strip())
         return tuple(turns)
     tools = _tool_selection_turns(text, system_texts)
     if tools is not None:

@@ -60,13 +60,18 @@ def test_history_tasks_are_read_as_the_user_turns_they_quote(parse: Any, task: s
     assert heard.expert_label == ""
 
 
-def test_autocomplete_task_adds_the_text_being_typed_as_the_next_turn() -> None:
-    content = open_webui.fill_autocomplete(PYTHON_CHAT, "and how do I skip rows where the price column")
+def test_autocomplete_task_is_read_as_the_chat_it_continues() -> None:
+    content = open_webui.fill_autocomplete(PYTHON_CHAT, "and how do I skip rows where the")
     heard = read_route_input(ollama_chat(open_webui.task_request(content)))
-    assert heard.kind == "task"
+    assert (heard.kind, heard.texts) == ("task", PYTHON_TURNS)
+
+
+def test_autocomplete_task_in_an_empty_chat_is_read_as_the_text_being_typed() -> None:
+    content = open_webui.fill_autocomplete([], "how do I reverse a list in pyth", kind="Search Query")
+    heard = read_route_input(ollama_chat(open_webui.task_request(content)))
     # The template's own examples (<text>The sun was setting...</text>) come before the history
     # and must not be taken for the user's text.
-    assert heard.texts == (*PYTHON_TURNS, "and how do I skip rows where the price column")
+    assert (heard.kind, heard.texts) == ("task", ("how do I reverse a list in pyth",))
 
 
 def test_a_user_turn_with_images_only_is_left_out() -> None:
