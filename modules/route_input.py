@@ -71,12 +71,12 @@ def read_route_input(req: ChatRequest, *, utility_expert: str = "", autocomplete
         return RouteInput("chat", ())
 
     quoted = _quoted_conversation(user_turns[-1], system_texts)
+    if quoted == ():
+        # A task header that quotes nothing readable is too little to go on: a user's own
+        # message may start with "### Task:" too. It is routed as it came.
+        return RouteInput("task", tuple(user_turns))
     if quoted is not None:
-        if utility_expert:
-            return RouteInput("task", quoted or tuple(user_turns), utility_expert, UTILITY_METHOD)
-        # A task whose conversation could not be read is routed as it came: the router's own
-        # answer for it is the honest one.
-        return RouteInput("task", quoted or tuple(user_turns))
+        return RouteInput("task", quoted, utility_expert, UTILITY_METHOD)
 
     questions = [unwrap_retrieved_context(turn) for turn in user_turns]
     if any(q is not None for q in questions):

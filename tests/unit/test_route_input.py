@@ -108,6 +108,12 @@ def test_tool_selection_of_a_first_message_is_just_the_query() -> None:
     assert read_route_input(ollama_chat(messages)).texts == PYTHON_TURNS[:1]
 
 
+def test_openai_content_parts_are_read_like_a_string() -> None:
+    content = open_webui.fill_history_task(open_webui.TAGS_GENERATION, PYTHON_CHAT)
+    parts = [{"role": "user", "content": [{"type": "text", "text": content}]}]
+    assert read_route_input(openai_chat(parts)).texts == PYTHON_TURNS
+
+
 def test_a_query_line_without_the_tools_system_message_is_an_ordinary_chat() -> None:
     heard = read_route_input(openai_chat([{"role": "user", "content": "Query: why is my soup too salty?"}]))
     assert (heard.kind, heard.texts) == ("chat", ("Query: why is my soup too salty?",))
@@ -132,8 +138,10 @@ def test_an_edited_template_without_history_tags_is_read_by_its_role_lines() -> 
 def test_a_task_quoting_no_conversation_is_routed_as_it_came() -> None:
     edited = "### Task:\nCreate a concise title for the prompt: {{prompt:middletruncate:200}}"
     content = open_webui.fill_history_task(edited, PYTHON_CHAT)
-    heard = read_route_input(ollama_chat(open_webui.task_request(content)))
-    assert (heard.kind, heard.texts) == ("task", (content,))
+    heard = read_route_input(ollama_chat(open_webui.task_request(content)), utility_expert="fallback")
+    # A user's own message may start with "### Task:" as well: without a quoted conversation
+    # it is not taken away from the router, not even by utility_expert.
+    assert (heard.kind, heard.texts, heard.expert_label) == ("task", (content,), "")
 
 
 # ---------------------------------------------------------------- retrieved context
