@@ -24,10 +24,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 from modules.chat_types import ChatRequest, RouteDecision, RouteMethod
 from modules.config_manager import ExpertConfig
+from modules.router_factory import Router
 
 # "chat": an ordinary conversation; "task": a client's own prompt quoting the conversation;
 # "rag": user turns wrapped in retrieved documents; "autocomplete": an editor's inline completion.
@@ -49,10 +50,6 @@ class RouteInput:
     expert_label: str = ""
     # The method reported when `expert_label` decides.
     method: RouteMethod = UTILITY_METHOD
-
-
-class _Router(Protocol):
-    def route(self, user_texts: Sequence[str]) -> RouteDecision: ...
 
 
 def read_route_input(req: ChatRequest, *, utility_expert: str = "", autocomplete_expert: str = "") -> RouteInput:
@@ -84,7 +81,7 @@ def read_route_input(req: ChatRequest, *, utility_expert: str = "", autocomplete
     return RouteInput("chat", tuple(user_turns))
 
 
-def route_read_input(router: _Router, experts: Sequence[ExpertConfig], heard: RouteInput) -> RouteDecision:
+def route_read_input(router: Router, experts: Sequence[ExpertConfig], heard: RouteInput) -> RouteDecision:
     """The decision for `heard`: its configured expert if it has one, else the router's."""
     if heard.expert_label:
         label = heard.expert_label.lower()
