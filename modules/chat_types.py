@@ -130,7 +130,11 @@ class Done:
 
 ChatEvent = Union[TextDelta, ThinkingDelta, ToolCallDelta, Done]
 
-RouteMethod = Literal["embedding", "classification", "cascade", "keyword", "fallback", "direct"]
+# "utility" and "autocomplete": a client's task prompt or an editor's inline completion went to
+# the expert configured for it (router.utility_expert / router.autocomplete_expert).
+RouteMethod = Literal[
+    "embedding", "classification", "cascade", "keyword", "fallback", "direct", "utility", "autocomplete"
+]
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,10 @@ class RouterConfig(_Strict):
     standardized_temperature: float = Field(0.5, gt=0, description="Softmax temperature over standardised scores.")
     calibration_file: str = Field("", description="Read-out written by `main.py calibrate` ('' = none).")
     calibrated_oos_gate: float = Field(0.7, ge=0, le=1, description="'none' share that overrides the read-out.")
+    utility_expert: str = Field(
+        "", description="Expert for client task prompts (titles, tags, ...); '' = route them like their chat.")
+    autocomplete_expert: str = Field(
+        "", description="Expert for raw/suffix completions (editor autocomplete); '' = route them by prompt.")
 
 
 class LocalModelsConfig(_Strict):
@@ -405,6 +409,7 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
     except ValidationError as exc:
         raise ConfigError(_describe(experts_path, exc)) from exc
 
+    _check_expert_labels(cfg.router, experts.experts, cfg_path, experts_path)
     for i, expert in enumerate(experts.experts):
         if expert.type == "local" and expert.model_path:
             try:
@@ -424,6 +429,18 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
         config_path=cfg_path,
         experts_path=experts_path,
     )
+
+
+def _check_expert_labels(router: RouterConfig, experts: list[ExpertConfig], cfg_path: Path,
+                         experts_path: Path) -> None:
+    """Router fields that name an expert must name one of the experts file's."""
+    labels = {e.label.lower() for e in experts}
+    for field in ("utility_expert", "autocomplete_expert"):
+        value = getattr(router, field)
+        if value and value.lower() not in labels:
+            known = ", ".join(e.label for e in experts)
+            raise ConfigError(f"{cfg_path}: router.{field}: '{value}' names no expert in {experts_path} "
+                              f"(experts: {known})")
 
 
 def with_overrides(config: AppConfig, **server_fields: Any) -> AppConfig:

@@ -24,6 +24,7 @@ from modules.expert_runner import ExpertRunner
 from modules.logger import get_logger, sanitize
 from modules.model_catalog import ModelCatalog
 from modules.model_pool import ModelPool
+from modules.route_input import read_route_input, route_read_input
 from modules.router_factory import Router
 
 log = get_logger("http")
@@ -107,15 +108,19 @@ def answer_chat(req: ChatRequest, *, stream_format: Formatter, body_format: Form
 def decide_route(svc: Services, req: ChatRequest, *, dry_run: bool = False) -> RouteDecision:
     choice = svc.catalog.choose(req.model)
     started = time.perf_counter()
+    heard = read_route_input(req, utility_expert=svc.config.router.utility_expert,
+                             autocomplete_expert=svc.config.router.autocomplete_expert)
     if choice.expert is not None:
         decision = RouteDecision(choice.expert.id, choice.expert.label, 1.0, "direct")
     else:
-        decision = svc.router.route(req.user_texts())
+        decision = route_read_input(svc.router, svc.config.experts, heard)
     elapsed_ms = (time.perf_counter() - started) * 1000
     metrics.record_route(decision, elapsed_ms / 1000, dry_run=dry_run)
-    last = req.user_texts()[-1] if req.user_texts() else ""
-    log.info("route expert=%s method=%s score=%.3f in %.1fms model=%s text=%r", decision.label,
-             decision.method, decision.score, elapsed_ms, sanitize(req.model or "", 64), sanitize(last))
+    # The text the router read, not the client's template around it.
+    last = heard.texts[-1] if heard.texts else ""
+    log.info("route expert=%s method=%s score=%.3f in %.1fms model=%s input=%s text=%r", decision.label,
+             decision.method, decision.score, elapsed_ms, sanitize(req.model or "", 64), heard.kind,
+             sanitize(last))
     return decision
 
 

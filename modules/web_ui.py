@@ -86,6 +86,8 @@ const METHODS = {
   cascade: "the last few messages together matched its keywords",
   fallback: "no single expert matched well enough: the fallback expert answers",
   direct: "the request named this expert",
+  utility: "a client's task prompt (title, tags, ...): router.utility_expert answers it",
+  autocomplete: "an editor's inline completion: router.autocomplete_expert answers it",
 };
 let experts = [];
 

@@ -137,3 +137,19 @@ def test_every_config_field_is_documented_in_the_readme() -> None:
                   RateLimitConfig, AuthConfig, CorsConfig):
         for name in model.model_fields:
             assert f"`{name}`" in section or f"`experts[].{name}`" in section, f"{model.__name__}.{name}"
+
+
+@pytest.mark.parametrize("field", ["utility_expert", "autocomplete_expert"])
+def test_router_expert_fields_must_name_an_expert(tmp_path: Path, field: str) -> None:
+    experts = {"experts": [FALLBACK, {**FALLBACK, "id": 1, "label": "Coder", "keywords": ["python"]}]}
+    message = load_error(tmp_path, experts, {"router": {"model_path": "", field: "codr"}})
+    assert "config.json" in message and f"router.{field}" in message and "'codr'" in message
+    assert "experts.json" in message and "Coder" in message
+    # Labels are matched as model names are: without regard to case.
+    cfg = write_project(tmp_path, experts, {"router": {"model_path": "", field: "coder"}})
+    assert getattr(load_config(cfg, tmp_path).router, field) == "coder"
+
+
+def test_router_expert_fields_default_to_routing(tmp_path: Path) -> None:
+    router = load_config(write_project(tmp_path, {"experts": [FALLBACK]}), tmp_path).router
+    assert (router.utility_expert, router.autocomplete_expert) == ("", "")
