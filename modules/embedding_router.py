@@ -112,6 +112,8 @@ BACKGROUND_TEXTS = (
     "Dame consejos para cultivar tomates.",
     "¿Qué es la democracia?",
 )
+# BACKGROUND_TEXTS holds this many English questions, then their Spanish counterparts.
+ENGLISH_BACKGROUND_TEXTS = 30
 # Under the project's data/ folder (kept out of git).
 EMBEDDING_CACHE_DIR = "embedding_cache"
 
@@ -196,6 +198,28 @@ def is_follow_up(text: str) -> bool:
     return any(w in FOLLOW_UP_CUES for w in words) or any(
         f"{a} {b}" in FOLLOW_UP_CUES for a, b in pairwise(words)
     )
+
+
+# A new turn the last message alone routes with at least this probability to another expert
+# than the conversation's is "confidently about something else" and switches; below it, a
+# follow-up keeps the conversation's expert. Chosen among 0.4/0.6/0.8/0.9 on MT-Bench-X
+# follow-ups and CLINC150 topic switches (bench/routing_lodo.py): 0.6 kept more follow-ups and
+# more switches than the previous rule on both; the follow-up figures are therefore not
+# independent of it.
+SWITCH_CONFIDENCE = 0.6
+
+
+def unrelated_pair_cosine(background: np.ndarray) -> float:
+    """Mean cosine between two unrelated questions of one language (the background texts).
+
+    A new turn closer than this to the earlier turns continues their topic. Measured on the
+    encoder in use, so it holds for any encoder; pairs across the English and Spanish halves
+    are left out because many of those are translations of each other.
+    """
+    n = len(background)
+    language = np.arange(n) >= ENGLISH_BACKGROUND_TEXTS
+    same = (language[:, None] == language[None, :]) & ~np.eye(n, dtype=bool)
+    return float((background @ background.T)[same].mean())
 
 
 Scoring = Literal["standardized", "reference"]
@@ -399,6 +423,7 @@ class _Step:
     scores: dict[str, float] = field(default_factory=dict)
     # The bar the winner must reach: the calibration's for decisions its read-out made.
     threshold: float = 0.0
+    vector: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 class EmbeddingRouter:
@@ -433,6 +458,7 @@ class EmbeddingRouter:
         self._background = background_stats(
             hybrid_scores(hybrid_signals(self.anchors, background), self._weights)
         )
+        self._topic_cosine = unrelated_pair_cosine(background)
         self._keywords = KeywordRouter(experts, config)
         self.readout: Readout | None = None
         if self._settings.calibration_file:
@@ -486,49 +512,49 @@ class EmbeddingRouter:
         step = self._score(last)
         decision = self._accept(step, "embedding", None)
         earlier = [t for t in user_texts[:-1] if t.strip()]
-        follow_up = bool(earlier) and is_follow_up(last)
-        if decision is not None and not follow_up:
+        if not earlier:
+            return decision or self._keywords_or_fallback(user_texts, step, None)
+        return self._route_follow_up(user_texts, earlier, step, decision)
+
+    def _route_follow_up(
+        self,
+        user_texts: Sequence[str],
+        earlier: Sequence[str],
+        step: _Step,
+        decision: RouteDecision | None,
+    ) -> RouteDecision:
+        # Stateless stickiness: the earlier turns (joined, newest kept) decide the
+        # conversation's expert, and a new turn keeps it unless the turn is confidently about
+        # something else, or is a new question the experts rule out that neither points back
+        # ("make it shorter") nor continues the earlier topic.
+        context = join_recent_user_texts(
+            earlier, max(self._config.context_messages - 1, 1), self._config.context_max_chars
+        )
+        context_step = self._score(context)
+        # The conversation's expert is what the earlier turns alone would get, down the chain.
+        conversation = self._accept(context_step, "cascade", context) or self._keywords_or_fallback(
+            earlier, context_step, context
+        )
+        if decision is not None and (
+            decision.label == conversation.label or decision.score >= SWITCH_CONFIDENCE
+        ):
             return decision
-        context = ""
-        if earlier:
-            # A follow-up ("make it shorter", "¿y en Python?") is about what came before: its
-            # cascade reads the earlier turns alone, which a short follow-up would only blur.
-            # Otherwise the cascade is the reference's: the last turns joined, newest kept.
-            if follow_up:
-                context = join_recent_user_texts(
-                    earlier,
-                    max(self._config.context_messages - 1, 1),
-                    self._config.context_max_chars,
-                )
-            else:
-                context = join_recent_user_texts(
-                    user_texts,
-                    self._config.context_messages,
-                    self._config.context_max_chars,
-                )
-            context_step = self._score(context)
-            cascade = self._accept(context_step, "cascade", context)
-            # Without a follow-up cue, a message the experts clearly rule out (most of the
-            # probability on "none") is a new, unrelated question that earlier turns must not
-            # pull to their expert.
-            rejected_alone = step.probs[-1] >= 0.5
-            allowed = follow_up or not rejected_alone
-            if (
-                cascade is not None
-                and allowed
-                and (decision is None or cascade.score >= decision.score)
-            ):
-                return cascade
-            if decision is not None:
-                return decision
-            if not rejected_alone:
-                step = context_step
+        continues = (
+            float(step.vector @ context_step.vector) >= self._topic_cosine or is_follow_up(user_texts[-1])
+        )
+        if step.probs[-1] >= 0.5 and not continues:
+            return self._keywords_or_fallback(user_texts, step, context)
+        return conversation
+
+    def _keywords_or_fallback(
+        self, user_texts: Sequence[str], step: _Step, context: str | None
+    ) -> RouteDecision:
         # Keywords may only settle what the embedding left open between experts: when "none
         # of these experts" won, a few fuzzy word matches (long jailbreak prompts hit many) are
         # weaker evidence than the whole-text similarity that ruled the experts out.
         none_won = step.probs[-1] >= step.probs[:-1].max()
         return self._keywords.route_or_fall_back(
-            user_texts, not none_won, step.scores[self._fallback.label], step.scores, context or None)
+            user_texts, not none_won, step.scores[self._fallback.label], step.scores, context)
 
     def _route_as_reference(self, user_texts: Sequence[str]) -> RouteDecision:
         # The reference chain as its README describes it, kept for comparison: the last
@@ -560,11 +586,12 @@ class EmbeddingRouter:
         )
 
     def _score(self, text: str) -> _Step:
-        probs, thresholds = self.probabilities(self._encoder.encode_queries([text]))
+        vectors = self._encoder.encode_queries([text])
+        probs, thresholds = self.probabilities(vectors)
         scores = {label: float(p) for label, p in zip(self.anchors.labels, probs[0, :-1])}
         # The fallback expert's score is the share of "none of these experts".
         scores[self._fallback.label] = float(probs[0, -1])
-        return _Step(probs[0], scores, float(thresholds[0]))
+        return _Step(probs[0], scores, float(thresholds[0]), vectors[0])
 
     def _accept(
         self, step: _Step, method: RouteMethod, context: str | None
