@@ -32,6 +32,7 @@ from modules.api_keys import init_api_keys
 from modules.client_timeouts import client_timeout_from_environment, init_client_timeouts
 from modules.config_manager import AppConfig, config_from_environment
 from modules.cors import init_cors
+from modules.decision_cache import router_name
 from modules.errors import (
     BodyTooLarge,
     InvalidRequest,
@@ -64,7 +65,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     init_client_timeouts(app, client_timeout_from_environment(default=config.server.client_timeout), _error_response)
     metrics.init_metrics(app)
     watch_config(app, rebuild_services)
-    log.info("LeMoE ready: %d experts, router=%s", len(config.experts), type(app.extensions["lemoe"].router).__name__)
+    log.info("LeMoE ready: %d experts, router=%s", len(config.experts), router_name(app.extensions["lemoe"].router))
     return app
 
 
@@ -72,6 +73,7 @@ def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Se
     """Router, runner and catalog for `config`, around `pool` (a new one when None)."""
     from modules.expert_runner import build_runner
     from modules.model_catalog import ModelCatalog
+    from modules.decision_cache import DecisionCache
     from modules.router_factory import build_router
 
     if pool is None:
@@ -79,7 +81,7 @@ def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Se
         pool.start_reaper(interval=min(30.0, max(1.0, config.local_models.model_ttl_seconds / 4)))
     return views.Services(
         config=config,
-        router=build_router(config),
+        router=DecisionCache(build_router(config), config.router.decision_cache_size),
         runner=build_runner(config, pool),
         catalog=ModelCatalog(config),
         pool=pool,

@@ -19,6 +19,7 @@ from typing import Any
 from bench.load import percentile
 from bench.servers import REPO
 from modules.config_manager import load_config
+from modules.decision_cache import DecisionCache
 from modules.errors import ConfigError
 from modules.router_factory import build_router
 
@@ -80,6 +81,9 @@ def run(config_paths: list[Path], max_calls: int = 5000, max_seconds: float = 3.
         build_ms = (time.perf_counter() - started) * 1000
         for name, turns in queries().items():
             samples, decision = time_decisions(router.route, turns, max_calls, max_seconds)
+            # The same conversation again through the server's decision cache (every call a hit).
+            cached, _ = time_decisions(DecisionCache(router, config.router.decision_cache_size).route,
+                                       turns, max_calls, max_seconds)
             rows.append({
                 "config": str(path.relative_to(REPO) if path.is_relative_to(REPO) else path),
                 "experts": len(config.experts),
@@ -89,6 +93,8 @@ def run(config_paths: list[Path], max_calls: int = 5000, max_seconds: float = 3.
                 "calls": len(samples),
                 "p50_us": round(percentile(samples, 50) * 1e6, 1),
                 "p99_us": round(percentile(samples, 99) * 1e6, 1),
+                "cached_p50_us": round(percentile(cached, 50) * 1e6, 1),
+                "cached_p99_us": round(percentile(cached, 99) * 1e6, 1),
                 "decision": f"{decision.label} ({decision.method})",
             })
     return rows
@@ -96,10 +102,11 @@ def run(config_paths: list[Path], max_calls: int = 5000, max_seconds: float = 3.
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print("(a) routing decision latency, in-process")
-    print(f"{'router (config, experts)':<52} {'query':<38} {'p50':>9} {'p99':>9}  decision")
+    print(f"{'router (config, experts)':<52} {'query':<38} {'p50':>9} {'p99':>9} {'cached p50':>11} {'p99':>9}  decision")
     for row in rows:
         who = f"{row['router']} ({Path(row['config']).name}, {row['experts']})"
-        print(f"{who:<52} {row['query']:<38} {row['p50_us']:>7.1f}us {row['p99_us']:>7.1f}us  {row['decision']}")
+        print(f"{who:<52} {row['query']:<38} {row['p50_us']:>7.1f}us {row['p99_us']:>7.1f}us "
+              f"{row['cached_p50_us']:>9.1f}us {row['cached_p99_us']:>7.1f}us  {row['decision']}")
 
 
 def main(argv: list[str] | None = None) -> int:

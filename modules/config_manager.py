@@ -80,6 +80,7 @@ class RouterConfig(_Strict):
     scoring_weights: ScoringWeights = Field(default_factory=ScoringWeights)
     context_messages: int = Field(3, ge=1, le=20, description="User messages joined for the cascade.")
     context_max_chars: int = Field(1600, ge=16, description="Cap on the joined cascade text.")
+    decision_cache_size: int = Field(4096, ge=0, description="Routing decisions remembered by exact text (0 = off).")
     scoring: Literal["standardized", "reference"] = Field(
         "standardized", description="Embedding confidence: standardised with a 'none' option, or the reference softmax.")
     oos_score: float = Field(2.0, description="Standardised score of the 'none of these experts' option.")

@@ -514,6 +514,10 @@ class EmbeddingRouter:
         earlier = [t for t in user_texts[:-1] if t.strip()]
         if not earlier:
             return decision or self._keywords_or_fallback(user_texts, step, None)
+        if decision is not None and decision.score >= SWITCH_CONFIDENCE:
+            # Confidently about one expert: whatever came before, this turn switches to it
+            # (or stays), so the earlier turns need no encoder pass.
+            return decision
         return self._route_follow_up(user_texts, earlier, step, decision)
 
     def _route_follow_up(

@@ -21,6 +21,7 @@ from typing import Any
 from flask import Response, current_app
 
 from modules.config_manager import ExpertConfig
+from modules.decision_cache import router_name
 from modules.http_views import json_response, services
 from modules.metrics import metrics_of, route_counts
 
@@ -292,7 +293,7 @@ def ui_state() -> Response:
     experts = [expert_view(e, counts.get(e.label, {}), e.id == svc.config.fallback_expert.id)
                for e in svc.config.experts]
     return json_response({
-        "router": type(svc.router).__name__,
+        "router": router_name(svc.router),
         "experts": experts,
         "routes_total": sum(e["routes"] for e in experts),
     })
