@@ -1,0 +1,264 @@
+"""Routing quality on public labelled sets, leave one dataset out.
+
+Every constant a router has (the reference's threshold; LeMoE's oos_score, temperature and
+threshold) is chosen on the OTHER datasets and reported on the one left out, next to the
+trivial baselines and to LeMoE as shipped. Expert sets are written from the label names only
+(config/examples/, bench/data/arena_hard_label_map.json); rows are never copied into keywords.
+
+    venv/bin/python -m bench.routing_lodo [--data ../shared/data] [--json OUT]
+
+Datasets (workplace copies of public sets; see their README for provenance):
+- CLINC150 val: 10 domains + out-of-scope, `clinc150_experts.json`.
+- MT-Bench-X, English and Spanish: the assistants set (writing, math, coding; the other five
+  categories belong to the fallback), and an 8-expert set, one expert per category.
+- Arena-Hard v0.1: clusters mapped onto the assistants set by cluster name.
+- Giskard prompt injections: all belong to the fallback.
+Plus: calibrated on CLINC150 val, measured on CLINC150 train (rows calibrate never saw), and
+follow-ups (MT-Bench-X turn 2 after turn 1; CLINC out-of-scope questions after a first turn).
+
+Scores come from `modules.route_eval` (what `main.py eval` prints) on the real router; only the
+encoder's vectors are memoised between the many configurations tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.servers import REPO
+from modules.calibration import calibrate
+from modules.config_manager import AppConfig, load_config
+from modules.embedding_router import EmbeddingRouter, EmbeddingSettings
+from modules.encoders import build_encoder
+from modules.generic_router import KeywordRouter
+from modules.route_eval import accuracy_report, read_rows, route_rows
+
+CONFIGS = {
+    "clinc": "config/examples/clinc150_config.json",
+    "assistants": "config/examples/assistants_config.json",
+    "mtbench": "config/examples/mtbench_config.json",
+}
+# MT-Bench-X categories the assistants set has an expert for; the others go to the fallback.
+MT_BENCH_ON_ASSISTANTS = {"writing": "writing", "math": "math", "coding": "coding"}
+# Held-out dataset -> its parts (each part: expert set, rows). A dataset's parts are left out
+# together, so MT-Bench-X never helps choose a constant it is then reported with.
+Part = tuple[str, list[dict[str, Any]]]
+LEMOE_GRID = {
+    "oos_score": (1.0, 1.5, 2.0, 2.5, 3.0),
+    "standardized_temperature": (0.25, 0.5, 1.0),
+    "confidence_threshold": (0.2, 0.3, 0.4, 0.5),
+}
+REFERENCE_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.0, 0.951, 0.025), 3))
+
+
+class MemoEncoder:
+    """The real encoder, each text encoded once for the whole run."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder
+        self.name = encoder.name
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        for i in range(0, len(missing), 64):
+            chunk = missing[i : i + 64]
+            self._vectors.update(zip(chunk, self._encoder.encode_queries(chunk)))
+        return np.stack([self._vectors[t] for t in texts]).astype(np.float32)
+
+    encode_passages = encode_queries
+
+
+def _rows(data: Path, name: str) -> list[dict[str, Any]]:
+    return read_rows(data / name)
+
+
+def _arena_label(label: str, mapping: dict[str, list[str]]) -> str | None:
+    return next((expert for expert, names in mapping.items() if expert != "about" and label in names), None)
+
+
+def datasets(data: Path) -> dict[str, list[Part]]:
+    clinc = [{"text": r["text"], "label": r["label"]} for r in _rows(data, "clinc150_domains_val.jsonl")]
+    mt = _rows(data, "mtbench_x_en_es.jsonl")
+    mapping = json.loads((REPO / "bench" / "data" / "arena_hard_label_map.json").read_text(encoding="utf-8"))
+    arena = [
+        {"text": r["text"], "label": label}
+        for r in _rows(data, "arena_hard_v01_clusters.jsonl")
+        if (label := _arena_label(r["label"], mapping)) is not None
+    ]
+    injections = [{"text": r["text"], "label": "adversarial"} for r in _rows(data, "prompt_injections_giskard.jsonl")]
+
+    def mt_rows(lang: str, on_assistants: bool) -> list[dict[str, Any]]:
+        return [
+            {"text": r["text"], "label": MT_BENCH_ON_ASSISTANTS.get(r["label"], "other") if on_assistants else r["label"]}
+            for r in mt
+            if r["lang"] == lang
+        ]
+
+    return {
+        "CLINC150": [("clinc", clinc)],
+        "MT-Bench-X": [
+            ("assistants", mt_rows("en", True)),
+            ("assistants", mt_rows("es", True)),
+            ("mtbench", mt_rows("en", False)),
+            ("mtbench", mt_rows("es", False)),
+        ],
+        "Arena-Hard": [("assistants", arena)],
+        "Injections": [("assistants", injections)],
+    }
+
+
+RouterMaker = Callable[[AppConfig], Any]
+
+
+def score(make: RouterMaker, parts: Sequence[Part], configs: dict[str, AppConfig]) -> dict[str, float]:
+    """Mean accuracy and fallback recall over a dataset's parts."""
+    accuracies, recalls = [], []
+    for config_name, rows in parts:
+        config = configs[config_name]
+        experts = [e.label for e in config.experts if e.id != 0]
+        fallback = config.fallback_expert.label
+        routed = route_rows(rows, make(config).route, experts, fallback)
+        report = accuracy_report([r.expected for r in routed], [r.decision.label for r in routed],
+                                 [*experts, fallback], fallback)
+        accuracies.append(report["accuracy"])
+        if report["per_expert"][fallback]["support"]:
+            recalls.append(report["fallback"]["recall"])
+    return {"accuracy": float(np.mean(accuracies)), "fallback_recall": float(np.mean(recalls)) if recalls else float("nan")}
+
+
+def lemoe(encoder: MemoEncoder, oos_score: float = 2.0, standardized_temperature: float = 0.5,
+          confidence_threshold: float | None = None) -> RouterMaker:
+    def make(config: AppConfig) -> EmbeddingRouter:
+        router_config = config.router
+        if confidence_threshold is not None:
+            router_config = router_config.model_copy(update={"confidence_threshold": confidence_threshold})
+        settings = EmbeddingSettings(oos_score=oos_score, standardized_temperature=standardized_temperature)
+        return EmbeddingRouter(config.experts, router_config, encoder, settings=settings)
+    return make
+
+
+def reference(encoder: MemoEncoder, threshold: float) -> RouterMaker:
+    def make(config: AppConfig) -> EmbeddingRouter:
+        router_config = config.router.model_copy(update={"confidence_threshold": threshold})
+        return EmbeddingRouter(config.experts, router_config, encoder, settings=EmbeddingSettings(scoring="reference"))
+    return make
+
+
+def choose_elsewhere(
+    candidates: dict[Any, RouterMaker], sets: dict[str, list[Part]], configs: dict[str, AppConfig]
+) -> dict[str, tuple[Any, dict[str, float]]]:
+    """For each dataset: the candidate with the best mean accuracy over the OTHER datasets, and
+    its score on the dataset itself."""
+    scores = {key: {name: score(make, parts, configs) for name, parts in sets.items()} for key, make in candidates.items()}
+    chosen = {}
+    for held_out in sets:
+        best = max(scores, key=lambda key: np.mean([s["accuracy"] for n, s in scores[key].items() if n != held_out]))
+        chosen[held_out] = (best, scores[best][held_out])
+    return chosen
+
+
+def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
+    """Share of MT-Bench-X second turns that keep the first turn's expert, per language, and of
+    CLINC out-of-scope questions asked after an MT-Bench-X first turn that reach the fallback."""
+    router = lemoe(encoder)(configs["assistants"])
+    mt = _rows(data, "mtbench_x_en_es.jsonl")
+    out = {}
+    for lang in ("en", "es"):
+        turns = [r for r in mt if r["lang"] == lang]
+        out[f"follow-ups keep their expert ({lang})"] = float(np.mean(
+            [router.route([r["text"], r["turn2"]]).label == router.route([r["text"]]).label for r in turns]))
+    english = [r for r in mt if r["lang"] == "en"]
+    oos = [r["text"] for r in _rows(data, "clinc150_domains_val.jsonl") if r["label"] == "oos"]
+    out["unrelated question after a first turn -> fallback"] = float(np.mean(
+        [router.route([english[i % len(english)]["text"], text]).label == "fallback" for i, text in enumerate(oos)]))
+    return out
+
+
+def calibrated_clinc(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
+    """Calibrated on CLINC150 val, measured on CLINC150 train (15,100 rows it never saw)."""
+    config = configs["clinc"]
+    router = lemoe(encoder)(config)
+    calibration = calibrate(router, _rows(data, "clinc150_domains_val.jsonl"))
+    router.readout = calibration.readout
+    rows = _rows(data, "clinc150_domains_train.jsonl")
+    experts = [e.label for e in config.experts if e.id != 0]
+    fallback = config.fallback_expert.label
+    routed = route_rows(rows, router.route, experts, fallback)
+    report = accuracy_report([r.expected for r in routed], [r.decision.label for r in routed], [*experts, fallback], fallback)
+    return {"accuracy": report["accuracy"], "fallback_recall": report["fallback"]["recall"],
+            "cv_accuracy": calibration.oof_accuracy, "uncalibrated_cv_accuracy": calibration.base_accuracy}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--skip-calibration", action="store_true", help="leave out the CLINC150 calibration run")
+    args = parser.parse_args(argv)
+    encoder = MemoEncoder(build_encoder("use-multilingual"))
+    configs = {name: load_config(REPO / path) for name, path in CONFIGS.items()}
+    sets = datasets(args.data)
+    print("scoring baselines ...", file=sys.stderr)
+    table: dict[str, dict[str, Any]] = {name: {} for name in sets}
+    for name, parts in sets.items():
+        table[name]["always fallback"] = score(lambda c: _Always(c), parts, configs)
+        table[name]["keyword only"] = score(lambda c: KeywordRouter(c.experts, c.router), parts, configs)
+        table[name]["reference, argmax (threshold 0)"] = score(reference(encoder, 0.0), parts, configs)
+        table[name]["LeMoE as shipped"] = score(lemoe(encoder), parts, configs)
+    print("choosing the reference threshold elsewhere ...", file=sys.stderr)
+    for name, (threshold, result) in choose_elsewhere(
+        {t: reference(encoder, t) for t in REFERENCE_THRESHOLDS}, sets, configs
+    ).items():
+        table[name]["reference, threshold chosen elsewhere"] = {**result, "chosen": threshold}
+    print("choosing LeMoE's constants elsewhere ...", file=sys.stderr)
+    grid = {combo: lemoe(encoder, *combo) for combo in itertools.product(*LEMOE_GRID.values())}
+    for name, (combo, result) in choose_elsewhere(grid, sets, configs).items():
+        table[name]["LeMoE, constants chosen elsewhere"] = {**result, "chosen": dict(zip(LEMOE_GRID, combo))}
+    extra: dict[str, Any] = {"follow_ups": follow_ups(encoder, args.data, configs)}
+    if not args.skip_calibration:
+        print("calibrating on CLINC150 val, measuring on train ...", file=sys.stderr)
+        extra["clinc_calibrated_on_val_measured_on_train"] = calibrated_clinc(encoder, args.data, configs)
+    print_table(table, extra)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"table": table, **extra}, indent=2, default=str))
+    return 0
+
+
+class _Always:
+    def __init__(self, config: AppConfig) -> None:
+        self._fallback = config.fallback_expert
+
+    def route(self, user_texts: Sequence[str]) -> Any:
+        from modules.chat_types import RouteDecision
+
+        return RouteDecision(self._fallback.id, self._fallback.label, 1.0, "fallback")
+
+
+def print_table(table: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None:
+    routers = list(next(iter(table.values())))
+    print("accuracy (fallback recall) per held-out dataset; 'chosen elsewhere' = constants picked on the other datasets")
+    print(f"{'router':<40}" + "".join(f"{name:>20}" for name in table))
+    for router in routers:
+        cells = []
+        for name in table:
+            s = table[name][router]
+            recall = "" if np.isnan(s["fallback_recall"]) else f" ({s['fallback_recall']:.2f})"
+            cells.append(f"{s['accuracy']:.1%}{recall}")
+        print(f"{router:<40}" + "".join(f"{c:>20}" for c in cells))
+    for name in table:
+        for router in ("reference, threshold chosen elsewhere", "LeMoE, constants chosen elsewhere"):
+            print(f"  {name}: {router}: {table[name][router]['chosen']}")
+    for key, value in extra.items():
+        print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in value.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
