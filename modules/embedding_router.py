@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 
-from modules.calibration import Readout, apply_readout, readout_from_json
+from modules.calibration import Readout, apply_readout, readout_from_json, softmax
 from modules.chat_types import RouteDecision, RouteMethod
 from modules.config_manager import AppConfig, ExpertConfig, RouterConfig
 from modules.encoders import Encoder, build_encoder, cached_vectors
@@ -359,14 +359,6 @@ def hybrid_scores(
         (float(weights[name]) * signals[name] for name in SIGNALS),
         np.zeros_like(signals["description"]),
     )
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, stable for large logits."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    probs: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
-    return probs
 
 
 def reference_probabilities(raw: np.ndarray, temperature: float) -> np.ndarray:
