@@ -610,6 +610,11 @@ def build_embedding_router(
     Keyword and description vectors are cached under `<project>/data/embedding_cache` unless
     `cache_dir` says otherwise.
     """
+    if not routed_experts(config.experts):
+        # A first setup with one model: nothing to choose between, every request goes to the
+        # fallback expert, and there is no reason to load an encoder for that.
+        logger.info("no expert besides the fallback has keywords or a description: every request goes to the fallback")
+        return KeywordRouter(config.experts, config.router)
     encoder = build_encoder(config.router.model_path)
     if encoder is None:
         return KeywordRouter(config.experts, config.router)

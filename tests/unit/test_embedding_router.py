@@ -422,3 +422,20 @@ def test_build_from_app_config_picks_embedding_or_keywords(tmp_path: Path) -> No
     assert isinstance(
         build_embedding_router(keyword_only, cache_dir=tmp_path), KeywordRouter
     )
+
+
+def test_a_configuration_with_only_the_fallback_serves_everything_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from modules.config_manager import load_config
+    from modules.embedding_router import build_embedding_router
+
+    experts = {"experts": [{"id": 0, "label": "only", "type": "ollama", "url": "http://127.0.0.1:11434",
+                            "model_name": "m"}]}
+    (tmp_path / "experts.json").write_text(json.dumps(experts))
+    (tmp_path / "config.json").write_text(json.dumps({"router": {"categories_file": "experts.json"}}))
+    monkeypatch.setenv("LEMOE_PROJECT_DIR", str(tmp_path))
+    config = load_config(tmp_path / "config.json")
+    router = build_embedding_router(config, cache_dir=tmp_path)
+    decision = router.route(["write a python function"])
+    assert (decision.label, decision.method) == ("only", "fallback")
