@@ -132,8 +132,11 @@ ChatEvent = Union[TextDelta, ThinkingDelta, ToolCallDelta, Done]
 
 # "utility" and "autocomplete": a client's task prompt or an editor's inline completion went to
 # the expert configured for it (router.utility_expert / router.autocomplete_expert).
+# "capability": the router's choice could not take the request (images, tools, length, ...), so
+# another expert was chosen (modules/capabilities.py).
 RouteMethod = Literal[
-    "embedding", "classification", "cascade", "keyword", "fallback", "direct", "utility", "autocomplete"
+    "embedding", "classification", "cascade", "keyword", "fallback", "direct", "utility", "autocomplete",
+    "capability",
 ]
 
 

@@ -109,6 +109,11 @@ GENERATION_OPTIONS: dict[str, tuple[type, ...]] = {
     "num_predict": (int,), "num_ctx": (int,), "seed": (int,), "stop": (list,),
     "repeat_penalty": (int, float), "presence_penalty": (int, float), "frequency_penalty": (int, float),
 }
+# What an expert can be declared able to do, under Ollama's capability names plus "json" (a
+# `format` / `response_format` constraint, which some OpenAI-compatible servers refuse).
+# "completion" is implied for every expert (LeMoE serves no embedding-only model); it is accepted
+# so that a list copied from `ollama show` validates. See modules/capabilities.py.
+ExpertCapability = Literal["completion", "vision", "tools", "thinking", "json", "insert"]
 
 
 class ExpertConfig(_Strict):
@@ -129,6 +134,9 @@ class ExpertConfig(_Strict):
     timeout: float | None = Field(None, gt=0, description="Read timeout override in seconds.")
     system_prompt: str | None = Field(None, description="System message added when the request has none.")
     options: dict[str, Any] = Field(default_factory=dict, description="Default generation options (Ollama names).")
+    capabilities: list[ExpertCapability] | None = Field(
+        None, description="What the expert can take: vision, tools, thinking, json, insert; None = anything.")
+    context_length: int | None = Field(None, ge=1, description="Context window in tokens; None = unknown (or n_ctx).")
 
     @field_validator("label")
     @classmethod
@@ -417,6 +425,12 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
                 resolve_local_model_path(expert.model_path, project, cfg.local_models.models_dir)
             except ValueError as exc:
                 raise ConfigError(f"{experts_path}: experts[{i}].model_path: {exc}") from exc
+        # Every GGUF model is loaded with local_models.n_ctx: a larger declared window would send
+        # it prompts llama.cpp refuses.
+        n_ctx = cfg.local_models.n_ctx
+        if expert.format == "gguf" and expert.context_length is not None and expert.context_length > n_ctx:
+            raise ConfigError(f"{experts_path}: experts[{i}].context_length: {expert.context_length} is more than "
+                              f"local_models.n_ctx ({n_ctx}), the context GGUF models are loaded with")
 
     return AppConfig(
         server=cfg.server,

@@ -3,6 +3,8 @@
     LeMoEError
     ├── RequestError                  the client's request cannot be served (4xx/5xx to the client)
     │   ├── InvalidRequest      400
+    │   │   └── MissingCapability     400   no expert can take the request's images, tools, ...
+    │   │       └── ContextTooLong    400   ... or a prompt this long
     │   ├── Unauthorized        401
     │   ├── Forbidden           403   e.g. a browser origin CORS does not allow
     │   ├── UnknownModel        404
@@ -42,6 +44,15 @@ class RequestError(LeMoEError):
 
 class InvalidRequest(RequestError):
     status_code = 400
+
+
+class MissingCapability(InvalidRequest):
+    """The model asked for (an expert, or every expert behind the router) cannot take what the
+    request needs; the message names it, in Ollama's words ("x does not support tools")."""
+
+
+class ContextTooLong(MissingCapability):
+    code = "context_length_exceeded"
 
 
 class Unauthorized(RequestError):

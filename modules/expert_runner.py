@@ -5,7 +5,9 @@ The runner only knows the `Backend` interface. It owns the failure semantics:
   the fallback expert, silently for the client, with an `[Auto-Correction]` log line;
 - a failure after events have gone out is logged and re-raised, so the protocol layer can end
   the stream with an error event in the client's protocol;
-- when even the fallback expert fails, `ServiceUnavailable` (503) is raised;
+- when even the fallback expert fails, `ServiceUnavailable` (503) is raised, and so it is when
+  the fallback expert cannot take the request (images for a text-only model, tools, a prompt
+  longer than its context): a refusal in the client's protocol, not a wrong answer;
 - an expert that keeps failing is benched (`ExpertHealth`): while its cool-down lasts, its
   requests go straight to the fallback expert.
 """
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from modules.backend import Backend
+from modules.capabilities import abilities_of, lacking_fallback_message, request_needs
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message
 from modules.config_manager import AppConfig, ExpertConfig
 from modules.errors import ExpertError, ExpertUnavailable, ServiceUnavailable
@@ -70,17 +73,18 @@ class ExpertRunner:
         self._config = config
         self._backends = backends
         self._fallback = config.fallback_expert
+        self._fallback_abilities = abilities_of(self._fallback, config.local_models)
         self._health = health or ExpertHealth(config.server.expert_failures_before_cooldown,
                                               config.server.expert_cooldown_seconds)
 
     def start(self, expert: ExpertConfig, request: ChatRequest) -> ExpertRun:
         """Start a streamed answer; falls back if `expert` fails before its first event."""
-        cause = self._benched_cause(expert)
+        cause = self._benched_cause(expert, request)
         if cause is None:
             try:
                 return ExpertRun(expert, self._primed(expert, request))
             except ExpertError as exc:
-                cause = self._auto_correct(expert, exc)
+                cause = self._auto_correct(expert, exc, request)
         try:
             return ExpertRun(self._fallback, self._primed(self._fallback, request), fallback_cause=cause)
         except ExpertError as exc:
@@ -89,12 +93,12 @@ class ExpertRunner:
 
     def collect(self, expert: ExpertConfig, request: ChatRequest) -> tuple[ExpertConfig, list[ChatEvent], str | None]:
         """Run to completion (non-streaming); any failure re-runs the whole request on the fallback."""
-        cause = self._benched_cause(expert)
+        cause = self._benched_cause(expert, request)
         if cause is None:
             try:
                 return expert, list(self._watched(expert, request)), None
             except ExpertError as exc:
-                cause = self._auto_correct(expert, exc)
+                cause = self._auto_correct(expert, exc, request)
         try:
             return self._fallback, list(self._watched(self._fallback, request)), cause
         except ExpertError as exc:
@@ -153,22 +157,34 @@ class ExpertRunner:
         if expert.id != self._fallback.id:
             self._health.record_failure(expert.label, f"{type(exc).__name__}: {exc}")
 
-    def _benched_cause(self, expert: ExpertConfig) -> str | None:
+    def _benched_cause(self, expert: ExpertConfig, request: ChatRequest) -> str | None:
         """Why `expert` is skipped without being tried (it is in its cool-down), else None."""
         if expert.id == self._fallback.id or not self._health.is_benched(expert.label):
             return None
+        self._require_capable_fallback(expert, "is in cool-down", request)
         log.info("[Auto-Correction] expert '%s' is in cool-down; answering with fallback '%s'",
                  expert.label, self._fallback.label)
         return "in cool-down"
 
-    def _auto_correct(self, expert: ExpertConfig, exc: ExpertError) -> str:
+    def _auto_correct(self, expert: ExpertConfig, exc: ExpertError, request: ChatRequest) -> str:
         cause = f"{type(exc).__name__}: {exc}"
         if expert.id == self._fallback.id:
             log.error("fallback expert '%s' failed: %s", expert.label, cause)
             raise ServiceUnavailable("no expert is available to answer right now", retry_after=5) from exc
+        self._require_capable_fallback(expert, f"failed ({cause})", request, exc)
         log.warning("[Auto-Correction] expert '%s' failed (%s); answering with fallback '%s'",
                     expert.label, cause, self._fallback.label)
         return cause
+
+    def _require_capable_fallback(self, expert: ExpertConfig, why: str, request: ChatRequest,
+                                  exc: ExpertError | None = None) -> None:
+        """Refuse to fall back to a fallback expert that cannot take `request`."""
+        missing = self._fallback_abilities.missing(request_needs(request))
+        if not missing:
+            return
+        log.warning("expert '%s' %s and fallback '%s' cannot take this request (lacks %s); refusing it",
+                    expert.label, why, self._fallback.label, ", ".join(missing))
+        raise ServiceUnavailable(lacking_fallback_message(missing), retry_after=5) from exc
 
 
 def request_for_expert(expert: ExpertConfig, request: ChatRequest) -> ChatRequest:

@@ -17,6 +17,7 @@ from flask import Response, current_app, request
 from modules import metrics
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
+from modules.capabilities import request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
 from modules.errors import InvalidRequest, UnknownModel
@@ -107,13 +108,18 @@ def answer_chat(req: ChatRequest, *, stream_format: Formatter, body_format: Form
 
 def decide_route(svc: Services, req: ChatRequest, *, dry_run: bool = False) -> RouteDecision:
     choice = svc.catalog.choose(req.model)
+    needs = request_needs(req)
     started = time.perf_counter()
     heard = read_route_input(req, utility_expert=svc.config.router.utility_expert,
                              autocomplete_expert=svc.config.router.autocomplete_expert)
     if choice.expert is not None:
+        require_capable(svc.catalog.abilities[choice.expert.label], needs, f"{choice.expert.label}:latest")
         decision = RouteDecision(choice.expert.id, choice.expert.label, 1.0, "direct")
     else:
-        decision = route_read_input(svc.router, svc.config.experts, heard)
+        # Capabilities before meaning: the router picks by meaning, then only experts able to
+        # take the request's images, tools, format, reasoning and length stay in the running.
+        decision = route_capable(route_read_input(svc.router, svc.config.experts, heard), needs,
+                                 svc.catalog.abilities, svc.config.fallback_expert.label, "lemoe:latest")
     elapsed_ms = (time.perf_counter() - started) * 1000
     metrics.record_route(decision, elapsed_ms / 1000, dry_run=dry_run)
     # The text the router read, not the client's template around it.

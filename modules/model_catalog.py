@@ -12,12 +12,11 @@ import json
 import re
 from dataclasses import dataclass
 
+from modules.capabilities import OLLAMA_CAPABILITIES, ExpertAbilities, abilities_from_config
 from modules.chat_types import ModelCard
 from modules.config_manager import ROUTER_MODEL_NAME, AppConfig, ExpertConfig, resolve_local_model_path
 
 DEFAULT_TAG = "latest"
-# Context length reported for remote experts, whose real window LeMoE cannot know.
-_REMOTE_CONTEXT = 8192
 _QUANT_RE = re.compile(r"(I?Q\d+_[A-Z0-9_]+|Q\d+_\d|F16|F32|BF16)", re.IGNORECASE)
 _PARAMS_RE = re.compile(r"(\d+(?:\.\d+)?[MB])(?![A-Za-z])", re.IGNORECASE)
 
@@ -42,6 +41,7 @@ class ModelChoice:
 class ModelCatalog:
     def __init__(self, config: AppConfig) -> None:
         self._config = config
+        self._abilities = abilities_from_config(config)
         modified = config.experts_path.stat().st_mtime if config.experts_path.exists() else 0.0
         self._cards = [self._router_card(modified)] + [self._expert_card(e, modified) for e in config.experts]
         self._by_base = {split_tag(c.name)[0].lower(): c for c in self._cards}
@@ -58,6 +58,11 @@ class ModelCatalog:
 
     def card_for_expert(self, expert: ExpertConfig) -> ModelCard:
         return self._by_base[expert.label.lower()]
+
+    @property
+    def abilities(self) -> dict[str, ExpertAbilities]:
+        """What each expert can take, by label: the values the listings report and routing uses."""
+        return dict(self._abilities)
 
     def choose(self, name: str | None) -> ModelChoice:
         """Resolve a request's `model` field. Unknown names are routed, not refused.
@@ -85,8 +90,10 @@ class ModelCatalog:
             size=1,
             digest=_digest({"router": self._config.router.model_dump(), "experts": len(self._config.experts)}),
             modified_at=modified,
-            context_length=max(self._context_length(e) for e in self._config.experts),
-            capabilities=("completion", "tools"),
+            context_length=max(a.listed_context_length() for a in self._abilities.values()),
+            # What at least one expert takes: the router finds that expert for such a request.
+            capabilities=tuple(c for c in OLLAMA_CAPABILITIES
+                               if any(c in a.listed_capabilities() for a in self._abilities.values())),
             description="Routes each request to the best expert.",
         )
 
@@ -117,13 +124,10 @@ class ModelCatalog:
             size=size,
             digest=_digest(expert.model_dump(exclude={"keywords", "description"})),
             modified_at=modified,
-            context_length=self._context_length(expert),
-            capabilities=("completion", "tools"),
+            context_length=self._abilities[expert.label].listed_context_length(),
+            capabilities=self._abilities[expert.label].listed_capabilities(),
             description=expert.description,
         )
-
-    def _context_length(self, expert: ExpertConfig) -> int:
-        return self._config.local_models.n_ctx if expert.type == "local" else _REMOTE_CONTEXT
 
 
 def _digest(value: object) -> str:

@@ -667,7 +667,11 @@ def _rfc3339_from_epoch(seconds: float) -> str:
 
 
 def ollama_tags(cards: Iterable[ModelCard]) -> dict[str, Any]:
-    """GET /api/tags. `name` and `model` carry the same tagged name (Open WebUI keys by model)."""
+    """GET /api/tags. `name` and `model` carry the same tagged name (Open WebUI keys by model).
+
+    Recent Ollama lists each model's `capabilities` here too (server/capabilities_test.go checks
+    `listModels`), so clients can pick a vision or tools model without an /api/show per model.
+    """
     return {
         "models": [
             {
@@ -677,6 +681,7 @@ def ollama_tags(cards: Iterable[ModelCard]) -> dict[str, Any]:
                 "size": card.size,
                 "digest": card.digest,
                 "details": _details_from_card(card),
+                "capabilities": list(card.capabilities),
             }
             for card in cards
         ]

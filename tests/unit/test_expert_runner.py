@@ -175,3 +175,58 @@ def test_runner_sends_the_expert_defaults_to_the_backend() -> None:
     config = CONFIG.model_copy(update={"experts": (FALLBACK, tuned)})
     ExpertRunner(config, {0: ScriptedBackend(answer("fb")), 1: ScriptedBackend(record)}).collect(tuned, REQUEST)
     assert seen[0].options == {"temperature": 0.2}
+
+
+# A fallback like the packaged SmolLM2: JSON, no images, no tools, 2048 tokens.
+TEXT_ONLY_FALLBACK = ExpertConfig(id=0, label="fallback", type="ollama", url="http://127.0.0.1:1", model_name="m",
+                                  capabilities=["json"], context_length=2048)
+PICTURE = ChatRequest(model=None, messages=[Message(role="user", content="what is this", images=["iVBORw0KGgo="])],
+                      stream=True)
+
+
+def text_only_runner(fallback: ScriptedBackend, coder: ScriptedBackend) -> ExpertRunner:
+    config = CONFIG.model_copy(update={"experts": (TEXT_ONLY_FALLBACK, CODER)})
+    return ExpertRunner(config, {0: fallback, 1: coder})
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_no_fallback_to_an_expert_that_cannot_take_the_request(stream: bool, caplog: pytest.LogCaptureFixture) -> None:
+    fb, coder = ScriptedBackend(answer("I see nothing")), ScriptedBackend(fail(ExpertUnavailable("down")))
+    r = text_only_runner(fb, coder)
+    with caplog.at_level(logging.WARNING, logger="lemoe"), pytest.raises(ServiceUnavailable) as info:
+        r.start(CODER, PICTURE) if stream else r.collect(CODER, PICTURE)
+    assert info.value.status_code == 503 and info.value.retry_after
+    assert info.value.message == "no expert that supports vision is available to answer right now"
+    assert fb.calls == 0, "the images must never reach the text-only fallback"
+    assert any("cannot take this request (lacks vision)" in rec.message for rec in caplog.records)
+
+
+def test_no_fallback_for_tools_or_a_prompt_longer_than_the_fallbacks_context() -> None:
+    fb, coder = ScriptedBackend(answer("fb")), ScriptedBackend(fail(ExpertUnavailable("down")))
+    r = text_only_runner(fb, coder)
+    tools = ChatRequest(model=None, messages=[Message(role="user", content="hi")],
+                        tools=[{"type": "function", "function": {"name": "f"}}])
+    with pytest.raises(ServiceUnavailable, match="supports tools"):
+        r.collect(CODER, tools)
+    long = ChatRequest(model=None, messages=[Message(role="user", content="word " * 2000)])
+    with pytest.raises(ServiceUnavailable, match="context large enough"):
+        r.collect(CODER, long)
+    assert fb.calls == 0
+    # What the fallback can take still falls back silently.
+    answered_by, events, _ = r.collect(CODER, ChatRequest(model=None, messages=[Message(role="user", content="hi")],
+                                                          format="json"))
+    assert answered_by is TEXT_ONLY_FALLBACK and text_of(events).strip() == "fb"
+
+
+def test_benched_expert_is_not_replaced_by_a_fallback_that_cannot_take_the_request() -> None:
+    from modules.expert_health import ExpertHealth
+
+    fb, coder = ScriptedBackend(answer("fb")), ScriptedBackend(answer("coder"))
+    config = CONFIG.model_copy(update={"experts": (TEXT_ONLY_FALLBACK, CODER)})
+    health = ExpertHealth(1, 60)
+    health.record_failure("coder", "down")
+    r = ExpertRunner(config, {0: fb, 1: coder}, health)
+    with pytest.raises(ServiceUnavailable, match="supports vision"):
+        r.start(CODER, PICTURE)
+    assert fb.calls == 0 and coder.calls == 0
+    assert r.start(CODER, REQUEST).expert is TEXT_ONLY_FALLBACK

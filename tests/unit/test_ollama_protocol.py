@@ -868,6 +868,13 @@ def test_tags_list_tagged_names_under_name_and_model() -> None:
     assert ollama_tags([]) == {"models": []}
 
 
+def test_tags_carry_each_models_capabilities() -> None:
+    body = ollama_tags([card(), card(name="eyes:latest", capabilities=("completion", "vision"))])
+    assert [m["capabilities"] for m in body["models"]] == [["completion", "tools"], ["completion", "vision"]]
+    parsed = ollama_types.ListResponse.model_validate(body)  # an extra field the client ignores
+    assert [m.model for m in parsed.models] == [MODEL, "eyes:latest"]
+
+
 def test_show_has_model_info_template_and_parameters_for_clients() -> None:
     body = ollama_show(card())
     assert body["model_info"] == {"general.architecture": "lemoe", "lemoe.context_length": 8192}
