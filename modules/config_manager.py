@@ -38,6 +38,14 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
     threads: int = Field(256, ge=1, le=1024, description="Requests one worker serves at once (one per open stream).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    max_upstream_line_bytes: int = Field(
+        1_048_576, ge=1024, description="Longest line or SSE event read from a remote expert.")
+    # The wordiest framing (OpenAI SSE, about 250 bytes a token with id, model and fingerprint on
+    # every chunk) puts a 128k-token answer, the longest output current models offer, near 32 MB;
+    # twice that never cuts a real answer, and bounds what an endless stream costs (and what a
+    # non-streamed answer holds in memory).
+    max_upstream_answer_bytes: int = Field(
+        67_108_864, ge=1024, description="Most bytes read from a remote expert for one answer.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a remote expert.")
     read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for an expert's next chunk.")
     client_timeout: float = Field(30.0, gt=0, lt=86400, description="Seconds a client has to send its body or take a chunk.")
@@ -45,6 +53,12 @@ class ServerConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     expert_failures_before_cooldown: int = Field(3, ge=1, description="Failures in a row that bench an expert.")
     expert_cooldown_seconds: float = Field(30.0, ge=0, description="How long a benched expert is skipped.")
+
+    @model_validator(mode="after")
+    def _line_fits_in_answer(self) -> ServerConfig:
+        if self.max_upstream_line_bytes > self.max_upstream_answer_bytes:
+            raise ValueError("max_upstream_line_bytes must not exceed max_upstream_answer_bytes")
+        return self
 
 
 class RateLimitConfig(_Strict):
