@@ -120,14 +120,10 @@ def register_routes(app: Flask) -> None:
     add("/ui/state", "web_ui_state", web_ui.ui_state, methods=["GET"])
 
 
-def _is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1"
-
-
 def _error_response(err: RequestError) -> Any:
-    if _is_openai_path(request.path):
-        from modules.openai_protocol import openai_error_body
+    from modules.openai_protocol import is_openai_path, openai_error_body
 
+    if is_openai_path(request.path):
         body, status = openai_error_body(err)
     else:
         from modules.ollama_protocol import ollama_error_body

@@ -73,7 +73,12 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
         settings: dict[str, Any] = {
             "bind": f"{server.host}:{server.port}",
             "workers": server.workers,
-            "worker_class": "gevent",
+            # gunicorn's gevent worker, answering its own errors (header too large, ...) in the
+            # client's protocol instead of HTML.
+            "worker_class": "modules.gevent_worker.LeMoEGeventWorker",
+            "limit_request_line": server.max_request_line_bytes,
+            "limit_request_fields": server.max_header_fields,
+            "limit_request_field_size": server.max_header_field_bytes,
             # Requests (and so open streams) one worker serves at once; more wait to be accepted.
             "worker_connections": server.threads,
             # The worker heartbeats from its own greenlet, so this only kills a hung worker,
