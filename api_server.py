@@ -30,7 +30,7 @@ from modules import health, metrics, web_ui
 from modules import http_views as views
 from modules.api_keys import init_api_keys
 from modules.body_limit import init_body_limit
-from modules.client_timeouts import client_timeout_from_environment, init_client_timeouts
+from modules.client_timeouts import init_client_timeouts
 from modules.config_manager import AppConfig, config_from_environment
 from modules.cors import init_cors
 from modules.errors import (
@@ -62,7 +62,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     init_cors(app, config.cors, _error_response)
     init_rate_limit(app, config.rate_limit, _error_response)
     init_api_keys(app, config.auth, config.project_dir, _error_response)
-    init_client_timeouts(app, client_timeout_from_environment(default=config.server.client_timeout), _error_response)
+    init_client_timeouts(app, config.server.client_timeout, _error_response)
     init_body_limit(app, _error_response)
     metrics.init_metrics(app)
     watch_config(app, rebuild_services)

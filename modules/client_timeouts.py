@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import socket
 import threading
 import time
@@ -39,22 +38,7 @@ from modules.logger import get_logger, sanitize
 
 log = get_logger("clients")
 
-DEFAULT_CLIENT_TIMEOUT = 30.0
-CLIENT_TIMEOUT_ENV = "LEMOE_CLIENT_TIMEOUT"
-
 Respond = Callable[[RequestError], Response]
-
-
-def client_timeout_from_environment(
-    environ: dict[str, str] | None = None, default: float = DEFAULT_CLIENT_TIMEOUT
-) -> float:
-    """$LEMOE_CLIENT_TIMEOUT in seconds if set and usable, else `default` (server.client_timeout)."""
-    raw = (os.environ if environ is None else environ).get(CLIENT_TIMEOUT_ENV, "")
-    try:
-        value = float(raw)
-    except ValueError:
-        return default
-    return value if 0 < value < 86400 else default
 
 
 class _BodyWatchdog:

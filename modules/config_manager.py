@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -456,8 +457,32 @@ def with_overrides(config: AppConfig, **server_fields: Any) -> AppConfig:
     return config.model_copy(update={"server": server})
 
 
-def config_from_environment() -> AppConfig:
-    """The config named by $LEMOE_CONFIG (or the default), with $LEMOE_HOST / $LEMOE_PORT applied."""
-    config = load_config(os.environ.get("LEMOE_CONFIG") or None)
-    port = os.environ.get("LEMOE_PORT")
-    return with_overrides(config, host=os.environ.get("LEMOE_HOST"), port=int(port) if port else None)
+# Environment variables that stand in for a server field (command-line flags win over them).
+ENVIRONMENT_OVERRIDES = {"LEMOE_HOST": "host", "LEMOE_PORT": "port", "LEMOE_CLIENT_TIMEOUT": "client_timeout"}
+# Variables read elsewhere whose only meaningful values are these; anything else is a typo.
+_ENVIRONMENT_CHOICES = {"LEMOE_ENCODER_PASS": ("numpy",)}
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None) -> AppConfig:
+    """The config named by $LEMOE_CONFIG (or the default), with `ENVIRONMENT_OVERRIDES` applied.
+
+    A variable whose value does not fit is a one-line `ConfigError` naming the variable, so a
+    typo in a deployment stops the server with its name rather than a traceback or a default.
+    """
+    environ = os.environ if environ is None else environ
+    config = load_config(environ.get("LEMOE_CONFIG") or None)
+    for variable, choices in _ENVIRONMENT_CHOICES.items():
+        raw = environ.get(variable, "").strip()
+        if raw and raw.lower() not in choices:
+            raise ConfigError(f"${variable}={raw[:40]!r}: must be unset or one of {', '.join(choices)}")
+    for variable, field in ENVIRONMENT_OVERRIDES.items():
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        try:
+            server = ServerConfig.model_validate({**config.server.model_dump(), field: raw})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"${variable}={raw[:40]!r}: {reason}") from None
+        config = config.model_copy(update={"server": server})
+    return config
