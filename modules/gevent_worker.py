@@ -28,7 +28,7 @@ from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util  # type: ignore[import-untyped]
-from gunicorn.http import errors as http_errors  # type: ignore[import-untyped]
+from gunicorn.http import errors  # type: ignore[import-untyped]
 from gunicorn.http.message import Request  # type: ignore[import-untyped]
 from gunicorn.http.parser import RequestParser  # type: ignore[import-untyped]
 from gunicorn.workers.ggevent import GeventWorker  # type: ignore[import-untyped]
@@ -46,14 +46,14 @@ _TARGET_RE = re.compile(rb"^[!-~]+ +(?:[A-Za-z][A-Za-z0-9+.-]*://[^/ ]*)?(/[^ ?#
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 256 * 1024
 # Errors in what the app sent, not in the request: gunicorn answers them as the app's fault (500).
-_APP_ERRORS = (http_errors.InvalidResponseHeader, http_errors.InvalidResponseHeaderName)
+_APP_ERRORS = (errors.InvalidResponseHeader, errors.InvalidResponseHeaderName)
 
 
 def _client_error(exc: BaseException, cfg: Any) -> tuple[int, str] | None:
     """The status and message for a request gunicorn refused, or None if it is not the client's fault."""
     if isinstance(exc, _APP_ERRORS):
         return None
-    errors = http_errors
+    # Built per call: the messages name the limits configured for this server.
     table: tuple[tuple[tuple[type[BaseException], ...], int, str], ...] = (
         ((errors.LimitRequestLine,), 414, f"request line is longer than {cfg.limit_request_line} bytes"),
         ((errors.LimitRequestHeaders,), 431,
