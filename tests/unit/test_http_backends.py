@@ -625,3 +625,62 @@ def test_a_body_that_does_not_end_after_the_answer_costs_its_connection_not_the_
         assert took < 2.0
         list(backend.stream_chat(_chat()))
         assert upstream.connections == 2
+
+
+class _PacedUpstream(http.server.ThreadingHTTPServer):
+    """Sends the first event, then holds the rest of the answer until the reader has the first
+    event (or 5 s pass): chunked, or close-delimited (no length, the end of the body is the end
+    of the connection, as HTTP/1.0 servers stream)."""
+
+    daemon_threads = True
+
+    def __init__(self, chunked: bool) -> None:
+        self.chunked = chunked
+        self.first_event_seen = threading.Event()
+        self.gave_up_waiting = False
+        super().__init__(("127.0.0.1", 0), _PacedHandler)
+
+
+class _PacedHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _PacedUpstream
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        first = b'{"message":{"role":"assistant","content":"hi"},"done":false}\n'
+        rest = b'{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop"}\n'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        if self.server.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        frame = (lambda data: b"%x\r\n%s\r\n" % (len(data), data)) if self.server.chunked else (lambda data: data)
+        self.wfile.write(frame(first))
+        self.wfile.flush()
+        self.server.gave_up_waiting = not self.server.first_event_seen.wait(5)
+        self.wfile.write(frame(rest) + (b"0\r\n\r\n" if self.server.chunked else b""))
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
+def test_each_event_is_passed_on_as_soon_as_it_arrives(chunked: bool) -> None:
+    upstream = _PacedUpstream(chunked)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    backend = OllamaBackend(_expert(f"http://127.0.0.1:{upstream.server_address[1]}", "ollama"), SERVER)
+    try:
+        events = []
+        for event in backend.stream_chat(_chat()):
+            events.append(event)
+            upstream.first_event_seen.set()
+    finally:
+        backend.close()
+        upstream.shutdown()
+        upstream.server_close()
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["hi"] and isinstance(events[-1], Done)
+    assert not upstream.gave_up_waiting, "the reader waited for more bytes before passing on the first event"
