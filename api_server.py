@@ -29,7 +29,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from modules import health, metrics, web_ui
 from modules import http_views as views
 from modules.api_keys import init_api_keys
-from modules.client_timeouts import client_timeout_from_environment, init_client_timeouts
+from modules.body_limit import init_body_limit
+from modules.client_timeouts import init_client_timeouts
 from modules.config_manager import AppConfig, config_from_environment
 from modules.cors import init_cors
 from modules.decision_cache import router_name
@@ -58,11 +59,12 @@ def create_app(config: AppConfig | None = None) -> Flask:
     register_routes(app)
     register_error_handlers(app)
     # Guards, in the order they run on a request: CORS (answers preflights), rate limit, API
-    # key, then the bounded read of the body.
+    # key, then the bounded read of the body and the cap on bodies of no declared length.
     init_cors(app, config.cors, _error_response)
     init_rate_limit(app, config.rate_limit, _error_response)
     init_api_keys(app, config.auth, config.project_dir, _error_response)
-    init_client_timeouts(app, client_timeout_from_environment(default=config.server.client_timeout), _error_response)
+    init_client_timeouts(app, config.server.client_timeout, _error_response)
+    init_body_limit(app, _error_response)
     metrics.init_metrics(app)
     watch_config(app, rebuild_services)
     log.info("LeMoE ready: %d experts, router=%s", len(config.experts), router_name(app.extensions["lemoe"].router))
@@ -122,14 +124,10 @@ def register_routes(app: Flask) -> None:
     add("/ui/state", "web_ui_state", web_ui.ui_state, methods=["GET"])
 
 
-def _is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1"
-
-
 def _error_response(err: RequestError) -> Any:
-    if _is_openai_path(request.path):
-        from modules.openai_protocol import openai_error_body
+    from modules.openai_protocol import is_openai_path, openai_error_body
 
+    if is_openai_path(request.path):
         body, status = openai_error_body(err)
     else:
         from modules.ollama_protocol import ollama_error_body

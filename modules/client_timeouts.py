@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import os
 import socket
 import threading
 import time
@@ -32,29 +31,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import ClientDisconnected
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
-from modules.errors import RequestError, RequestTimeout
+from modules.errors import InvalidRequest, RequestError, RequestTimeout
 from modules.logger import get_logger, sanitize
 
 log = get_logger("clients")
 
-DEFAULT_CLIENT_TIMEOUT = 30.0
-CLIENT_TIMEOUT_ENV = "LEMOE_CLIENT_TIMEOUT"
-
 Respond = Callable[[RequestError], Response]
-
-
-def client_timeout_from_environment(
-    environ: dict[str, str] | None = None, default: float = DEFAULT_CLIENT_TIMEOUT
-) -> float:
-    """$LEMOE_CLIENT_TIMEOUT in seconds if set and usable, else `default` (server.client_timeout)."""
-    raw = (os.environ if environ is None else environ).get(CLIENT_TIMEOUT_ENV, "")
-    try:
-        value = float(raw)
-    except ValueError:
-        return default
-    return value if 0 < value < 86400 else default
 
 
 class _BodyWatchdog:
@@ -143,4 +127,12 @@ def init_client_timeouts(app: Flask, seconds: float, respond: Respond) -> None:
             log.warning("%s %s: request body from %s not received within %gs", request.method,
                         sanitize(request.path, 100), request.remote_addr, seconds)
             return respond(RequestTimeout(f"request body not received within {seconds:g} seconds"))
+        except HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the WSGI server's own error for a body it cannot frame
+            # gunicorn raises its parse errors (a bad chunk size, say) from the body's reads; they
+            # are the client's fault, not a 500. gunicorn closes the connection after it.
+            log.warning("%s %s: malformed request body from %s (%s)", request.method,
+                        sanitize(request.path, 100), request.remote_addr, type(exc).__name__)
+            return respond(InvalidRequest("malformed request body"))
         return None

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -38,6 +39,18 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
     threads: int = Field(256, ge=1, le=1024, description="Requests one worker serves at once (one per open stream).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    # gunicorn's own limits on the request head (its defaults; its maxima as upper bounds).
+    max_request_line_bytes: int = Field(4094, ge=256, le=8190, description="Longest request line (414 past it).")
+    max_header_fields: int = Field(100, ge=16, le=32768, description="Most request header fields (431 past it).")
+    max_header_field_bytes: int = Field(8190, ge=256, le=65536, description="Longest request header field (431 past it).")
+    max_upstream_line_bytes: int = Field(
+        1_048_576, ge=1024, description="Longest line or SSE event read from a remote expert.")
+    # The wordiest framing (OpenAI SSE, about 250 bytes a token with id, model and fingerprint on
+    # every chunk) puts a 128k-token answer, the longest output current models offer, near 32 MB;
+    # twice that never cuts a real answer, and bounds what an endless stream costs (and what a
+    # non-streamed answer holds in memory).
+    max_upstream_answer_bytes: int = Field(
+        67_108_864, ge=1024, description="Most bytes read from a remote expert for one answer.")
     connect_timeout: float = Field(5.0, gt=0, description="Seconds to connect to a remote expert.")
     read_timeout: float = Field(120.0, gt=0, description="Seconds to wait for an expert's next chunk.")
     client_timeout: float = Field(30.0, gt=0, lt=86400, description="Seconds a client has to send its body or take a chunk.")
@@ -45,6 +58,12 @@ class ServerConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     expert_failures_before_cooldown: int = Field(3, ge=1, description="Failures in a row that bench an expert.")
     expert_cooldown_seconds: float = Field(30.0, ge=0, description="How long a benched expert is skipped.")
+
+    @model_validator(mode="after")
+    def _line_fits_in_answer(self) -> ServerConfig:
+        if self.max_upstream_line_bytes > self.max_upstream_answer_bytes:
+            raise ValueError("max_upstream_line_bytes must not exceed max_upstream_answer_bytes")
+        return self
 
 
 class RateLimitConfig(_Strict):
@@ -470,8 +489,32 @@ def with_overrides(config: AppConfig, **server_fields: Any) -> AppConfig:
     return config.model_copy(update={"server": server})
 
 
-def config_from_environment() -> AppConfig:
-    """The config named by $LEMOE_CONFIG (or the default), with $LEMOE_HOST / $LEMOE_PORT applied."""
-    config = load_config(os.environ.get("LEMOE_CONFIG") or None)
-    port = os.environ.get("LEMOE_PORT")
-    return with_overrides(config, host=os.environ.get("LEMOE_HOST"), port=int(port) if port else None)
+# Environment variables that stand in for a server field (command-line flags win over them).
+ENVIRONMENT_OVERRIDES = {"LEMOE_HOST": "host", "LEMOE_PORT": "port", "LEMOE_CLIENT_TIMEOUT": "client_timeout"}
+# Variables read elsewhere whose only meaningful values are these; anything else is a typo.
+_ENVIRONMENT_CHOICES = {"LEMOE_ENCODER_PASS": ("numpy",)}
+
+
+def config_from_environment(environ: Mapping[str, str] | None = None) -> AppConfig:
+    """The config named by $LEMOE_CONFIG (or the default), with `ENVIRONMENT_OVERRIDES` applied.
+
+    A variable whose value does not fit is a one-line `ConfigError` naming the variable, so a
+    typo in a deployment stops the server with its name rather than a traceback or a default.
+    """
+    environ = os.environ if environ is None else environ
+    config = load_config(environ.get("LEMOE_CONFIG") or None)
+    for variable, choices in _ENVIRONMENT_CHOICES.items():
+        raw = environ.get(variable, "").strip()
+        if raw and raw.lower() not in choices:
+            raise ConfigError(f"${variable}={raw[:40]!r}: must be unset or one of {', '.join(choices)}")
+    for variable, field in ENVIRONMENT_OVERRIDES.items():
+        raw = environ.get(variable, "").strip()
+        if not raw:
+            continue
+        try:
+            server = ServerConfig.model_validate({**config.server.model_dump(), field: raw})
+        except ValidationError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ConfigError(f"${variable}={raw[:40]!r}: {reason}") from None
+        config = config.model_copy(update={"server": server})
+    return config

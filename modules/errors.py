@@ -18,6 +18,7 @@
     │   ├── ExpertTimeout
     │   ├── ExpertUnavailable
     │   └── ExpertStreamBroken
+    │       └── ExpertAnswerTooLarge  a line, event or whole answer past the server's bounds
     └── ConfigError                   start-up only; names the file and field
 
 The protocol adapters turn a `RequestError` into the client's own error shape. Messages of
@@ -108,6 +109,11 @@ class ExpertUnavailable(ExpertError):
 
 class ExpertStreamBroken(ExpertError):
     pass
+
+
+class ExpertAnswerTooLarge(ExpertStreamBroken):
+    """The upstream sent more than LeMoE agreed to read: one line (or SSE event) longer than
+    `server.max_upstream_line_bytes`, or an answer past `server.max_upstream_answer_bytes`."""
 
 
 class ConfigError(LeMoEError):

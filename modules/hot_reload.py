@@ -54,7 +54,8 @@ log = get_logger("reload")
 POLL_SECONDS = 1.0
 _SERVICES = "lemoe"
 # Read once at start-up; a change needs a restart.
-RESTART_SERVER_FIELDS = ("host", "port", "workers", "threads", "client_timeout", "log_file")
+RESTART_SERVER_FIELDS = ("host", "port", "workers", "threads", "client_timeout", "log_file",
+                         "max_request_line_bytes", "max_header_fields", "max_header_field_bytes")
 RESTART_SECTIONS = ("rate_limit", "auth", "cors")
 
 Rebuild = Callable[[AppConfig, Services], Services]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,9 +25,11 @@ import requests
 import urllib3
 import urllib3.exceptions
 
+from modules.blocking import yield_to_others
 from modules.chat_types import ChatEvent, ChatRequest
 from modules.config_manager import ExpertConfig, ServerConfig
 from modules.errors import (
+    ExpertAnswerTooLarge,
     ExpertError,
     ExpertStreamBroken,
     ExpertTimeout,
@@ -49,14 +52,21 @@ _log = get_logger("http_backends")
 # How much of an error body goes into the log line: enough to see the upstream's reason.
 _SNIPPET_BYTES = 1024
 _SNIPPET_CHARS = 200
-# Bytes per read of a streamed answer (what requests' iter_lines reads): a chunked answer still
-# arrives piece by piece, as the upstream sends it.
-_READ_BYTES = 512
+# Most bytes per read of a streamed answer. A read returns one HTTP chunk of a chunked answer
+# (every streaming upstream's), or what has arrived of any other, so the size never holds back a
+# token; it only saves reads on large answers (at 512 bytes, one MiB of a long line took 2,048).
+_READ_BYTES = 65536
 # After the final event an upstream sends at most the end of its body (a chunked stream's
 # terminator, a trailing blank line). Reading that lets the connection serve the next request;
 # an upstream that goes on sending, or stalls, loses its connection instead of our time.
 _TAIL_LINES = 8
 _TAIL_SECONDS = 0.5
+# An upstream that sends faster than we forward never makes a read wait, so a read loop would
+# keep the worker's one thread (every other request's too, under gevent) to itself. Handing it
+# over this often keeps another request's wait within about a millisecond per busy stream (with
+# 2 ms slices, `/api/version` waited 71 ms at p99 beside 8 hostile answers, 42 ms with 1 ms, and
+# 0.5 ms slices measured no better: bench/bench_hostile.py).
+_PAUSE_SECONDS = 0.001
 
 # Most specific first: ConnectTimeout is both a Timeout and a ConnectionError, and every
 # requests exception is also an OSError.
@@ -129,21 +139,64 @@ def _body_snippet(response: urllib3.BaseHTTPResponse, secret: str | None) -> str
     return sanitize(_redacted(text, secret), _SNIPPET_CHARS) or "(empty body)"
 
 
-def iter_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The lines of a byte stream, split like `requests.Response.iter_lines` (\\n, \\r or \\r\\n)."""
-    pending: bytes | None = None
+def iter_lines(
+    chunks: Iterable[bytes], *, max_line_bytes: int | None = None, max_answer_bytes: int | None = None
+) -> Iterator[bytes]:
+    """The lines of a byte stream, split like `requests.Response.iter_lines` (\\n, \\r or \\r\\n).
+
+    Linear in the size of the stream: each chunk is split once and a line that spans chunks
+    grows in one buffer (re-splitting the buffered text on every read made one long line cost
+    quadratic time, 1.5 s of a blocked worker for 1 MB). Raises `ExpertAnswerTooLarge` as soon
+    as a line passes `max_line_bytes` or the stream passes `max_answer_bytes` (counted after
+    decompression, so a small gzip bomb counts at its real size). Hands the thread to other
+    requests after each millisecond of reading (`_PAUSE_SECONDS`).
+    """
+    pending = bytearray()
+    total = 0
+    paused_at = time.monotonic()
     for chunk in chunks:
-        if pending is not None:
-            chunk = pending + chunk
-        lines = chunk.splitlines()
-        # A chunk that does not end in a line break leaves its last line to the next chunk.
-        if lines and lines[-1] and chunk and lines[-1][-1] == chunk[-1]:
-            pending = lines.pop()
-        else:
-            pending = None
-        yield from lines
-    if pending is not None:
-        yield pending
+        total += len(chunk)
+        if max_answer_bytes is not None and total > max_answer_bytes:
+            raise ExpertAnswerTooLarge(f"answer longer than {max_answer_bytes} bytes")
+        if time.monotonic() - paused_at >= _PAUSE_SECONDS:
+            yield_to_others()
+            paused_at = time.monotonic()
+        for piece in chunk.splitlines(keepends=True):
+            ended = piece[-1:] in (b"\n", b"\r")
+            pending += piece.rstrip(b"\r\n") if ended else piece
+            if max_line_bytes is not None and len(pending) > max_line_bytes:
+                raise ExpertAnswerTooLarge(f"line longer than {max_line_bytes} bytes")
+            if ended:
+                # A \r\n split between two chunks gives an empty line more, as in requests.
+                line = bytes(pending)
+                pending.clear()
+                yield line
+    if pending:
+        yield bytes(pending)
+
+
+def bounded_sse_events(lines: Iterable[bytes], max_event_bytes: int) -> Iterator[bytes]:
+    """`lines` unchanged, but an SSE event (the lines up to a blank one) may not pass
+    `max_event_bytes`: an event made of endless short `data:` lines is joined and parsed whole."""
+    size = 0
+    for line in lines:
+        size = size + len(line) + 1 if line else 0
+        if size > max_event_bytes:
+            raise ExpertAnswerTooLarge(f"event longer than {max_event_bytes} bytes")
+        yield line
+
+
+def _body_chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """The decoded body as it arrives, at most `_READ_BYTES` a piece.
+
+    Not `response.stream(n)`: on an answer that is not chunked it waits for n bytes (or the
+    end), which at a useful size would hold back the tokens of a close-delimited stream.
+    """
+    if response.chunked and response.supports_chunked_reads():
+        yield from response.read_chunked(_READ_BYTES, decode_content=True)
+        return
+    while data := response.read1(_READ_BYTES):
+        yield data
 
 
 def _read_tail(lines: Iterator[bytes], response: urllib3.BaseHTTPResponse) -> bool:
@@ -212,6 +265,8 @@ class _HttpBackend(ABC):
         # One open stream per server thread at most, so that many pooled connections suffice.
         self._pool = connection_pool(self._base_url, server.threads)
         self._timeout = urllib3.Timeout(connect=self._timeouts[0], read=self._timeouts[1])
+        self._max_line_bytes = server.max_upstream_line_bytes
+        self._max_answer_bytes = server.max_upstream_answer_bytes
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
         """POST the request upstream (always streamed) and yield its events as they arrive."""
@@ -245,7 +300,8 @@ class _HttpBackend(ABC):
                         f"expert '{self._label}' answered HTTP {response.status}: "
                         f"{_body_snippet(response, self._api_key)}"
                     )
-                lines = iter_lines(response.stream(_READ_BYTES))
+                lines = iter_lines(_body_chunks(response), max_line_bytes=self._max_line_bytes,
+                                   max_answer_bytes=self._max_answer_bytes)
                 yield from self._events(lines)
                 finished = _read_tail(lines, response)
             finally:
@@ -300,4 +356,4 @@ class OpenAIBackend(_HttpBackend):
         return f"{self._base_url}/v1/chat/completions", openai_chat_body_from_request(request, self._model_name)
 
     def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
-        return events_from_openai_sse(lines)
+        return events_from_openai_sse(bounded_sse_events(lines, self._max_line_bytes))

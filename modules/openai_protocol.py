@@ -67,7 +67,9 @@ _ERROR_TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
     422: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
 }
 # OpenAI effort names onto ChatRequest.think values ("none" switches reasoning off).
@@ -578,6 +580,11 @@ def openai_text_sse_from_events(
     if include_usage:
         yield chunk([], done.usage)
     yield "data: [DONE]\n\n"
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a request path is on the OpenAI API (its errors take OpenAI's shape)."""
+    return path.startswith("/v1/") or path == "/v1"
 
 
 def openai_error_body(err: RequestError) -> tuple[dict[str, Any], int]:

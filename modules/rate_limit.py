@@ -9,7 +9,8 @@ Counts live where `storage_uri` says: `memory://` keeps them in the process, so 
 each worker counts on its own (N workers let a client through N times the limit); a
 `redis://host:port` storage is shared by every worker and replica. If Redis cannot be reached
 the counts fall back to memory (logged) instead of failing requests, and go back to Redis once it
-answers again.
+answers again. A storage that fails while telling when a refused client's window ends is logged
+too, and the client is told to wait a whole window.
 
 The client IP is the TCP peer. `X-Forwarded-For` is believed only for `trusted_proxies` hops
 (werkzeug's ProxyFix): with 0, a client cannot dodge its limit by sending the header.
@@ -28,7 +29,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from modules.config_manager import RateLimitConfig
 from modules.errors import ConfigError, RateLimited, RequestError
-from modules.logger import get_logger
+from modules.logger import get_logger, sanitize
 
 log = get_logger("rate_limit")
 
@@ -100,7 +101,11 @@ def _seconds_until_reset(limiter: Limiter) -> int:
     current = limiter.current_limit
     try:
         reset_at = current.window.reset_time if current is not None else time.time() + 60
-    except Exception:  # the storage failed while asked: a whole window is a safe answer
+    except Exception as exc:  # noqa: BLE001 - any storage failure; a whole window is a safe answer
+        # Logged: a storage that keeps failing here would otherwise show only as clients told
+        # to wait a full minute.
+        log.warning("rate limit storage failed to tell when %s's window ends (%s: %s); Retry-After 60 s",
+                    client_address(), type(exc).__name__, sanitize(str(exc)))
         reset_at = time.time() + 60
     return max(1, math.ceil(reset_at - time.time()))
 

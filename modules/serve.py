@@ -52,14 +52,20 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["LEMOE_CONFIG"] = os.path.abspath(args.config)
         config = with_overrides(config_from_environment(), host=args.host, port=args.port, workers=args.workers)
     except ConfigError as exc:
-        print(f"LeMoE: invalid configuration:\n{exc}", file=sys.stderr)
+        # One problem fits on the line it names; several get a line each.
+        separator = "\n" if "\n" in str(exc) else " "
+        print(f"LeMoE: invalid configuration:{separator}{exc}", file=sys.stderr)
         return 2
     if args.dev:
         from api_server import create_app
 
         create_app(config).run(host=config.server.host, port=config.server.port, threaded=True)
         return 0
-    serve_with_gunicorn(config)
+    try:
+        serve_with_gunicorn(config)
+    except ConfigError as exc:
+        print(f"LeMoE: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -73,7 +79,12 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
         settings: dict[str, Any] = {
             "bind": f"{server.host}:{server.port}",
             "workers": server.workers,
-            "worker_class": "gevent",
+            # gunicorn's gevent worker, answering its own errors (header too large, ...) in the
+            # client's protocol instead of HTML.
+            "worker_class": "modules.gevent_worker.LeMoEGeventWorker",
+            "limit_request_line": server.max_request_line_bytes,
+            "limit_request_fields": server.max_header_fields,
+            "limit_request_field_size": server.max_header_field_bytes,
             # Requests (and so open streams) one worker serves at once; more wait to be accepted.
             "worker_connections": server.threads,
             # The worker heartbeats from its own greenlet, so this only kills a hung worker,
@@ -106,15 +117,18 @@ def prepare_metrics_dir(environ: dict[str, str] | os._Environ[str] = os.environ)
     """The folder for the workers' metric files, set in `environ` and emptied of stale files.
 
     Returns the folder and whether it was created here (and so should be removed at exit).
-    Must run before prometheus_client is imported in this process: it reads the variable once.
+    A configured folder that cannot be used is a `ConfigError` naming the variable. Must run before prometheus_client is imported in this process: it reads the variable once.
     """
     configured = environ.get(MULTIPROC_ENV)
     if configured:
         folder = Path(configured)
-        folder.mkdir(parents=True, exist_ok=True)
-        # Counts of an earlier run would otherwise be added to this one's.
-        for stale in folder.glob("*.db"):
-            stale.unlink(missing_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Counts of an earlier run would otherwise be added to this one's.
+            for stale in folder.glob("*.db"):
+                stale.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"${MULTIPROC_ENV}={configured[:80]!r}: {exc.strerror or exc}") from None
         return folder, False
     folder = Path(tempfile.mkdtemp(prefix="lemoe-metrics-"))
     environ[MULTIPROC_ENV] = str(folder)

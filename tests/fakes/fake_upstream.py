@@ -68,6 +68,13 @@ class Behaviour:
     stream_error_after: int = 1
     # Answer with this tool call, as (name, arguments), instead of text.
     tool_call: tuple[str, dict[str, Any]] | None = None
+    # Hostile answers, after `hostile_after` well-formed pieces: one line of `long_line` bytes with
+    # no line break (then the end of the body); the answer's pieces again and again until the
+    # client goes away (`endless`); or the whole answer one byte at a time, `trickle` seconds apart.
+    hostile_after: int = 0
+    long_line: int | None = None
+    endless: bool = False
+    trickle: float | None = None
     # Refuse (401) requests without `Authorization: Bearer <require_key>`.
     require_key: str | None = None
     done_reason: str = "stop"
@@ -336,8 +343,11 @@ class FakeUpstream:
         tail: list[bytes],
         error_frame: bytes,
     ) -> Iterator[bytes]:
-        """Send a stream frame by frame, applying the mid-stream knobs (delay, drop, error)."""
+        """Send a stream frame by frame, applying the mid-stream knobs (delay, drop, error, hostile)."""
         try:
+            if behaviour.long_line is not None or behaviour.endless or behaviour.trickle is not None:
+                yield from self._hostile(behaviour, head, pieces, tail)
+                return
             yield from head
             for i in range(len(pieces) + 1):
                 if behaviour.drop_after is not None and i == behaviour.drop_after:
@@ -357,6 +367,28 @@ class FakeUpstream:
             with self._lock:
                 self._disconnects += 1
             raise
+
+    def _hostile(self, behaviour: Behaviour, head: list[bytes], pieces: list[bytes],
+                 tail: list[bytes]) -> Iterator[bytes]:
+        if behaviour.trickle is not None:
+            for byte in b"".join(head + pieces + tail):
+                if self._stopping.wait(behaviour.trickle):
+                    return
+                yield bytes([byte])
+            return
+        yield from head
+        yield from pieces[: behaviour.hostile_after]
+        if behaviour.long_line is not None:
+            # In 64 KiB writes, as a server streams: the fake notices a reader that hung up (or
+            # a stop) after one write instead of after the whole line.
+            left = behaviour.long_line
+            while left > 0 and not self._stopping.is_set():
+                size = min(left, 65536)
+                yield b"a" * size
+                left -= size
+            return
+        while pieces and not self._stopping.is_set():
+            yield from pieces
 
     def _stream(self, frames: Iterator[bytes], mimetype: str) -> Response:
         response = Response(frames, mimetype=mimetype)

@@ -20,7 +20,8 @@ from tests.contract.conftest import LiveServer
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 408: "api_error",
-                413: "invalid_request_error", 429: "rate_limit_error", 503: "api_error"}
+                413: "invalid_request_error", 414: "invalid_request_error", 429: "rate_limit_error",
+                431: "invalid_request_error", 501: "api_error", 503: "api_error"}
 POST_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/v1/chat/completions", "/v1/completions", "/v1/route")
 INFERENCE_ROUTES = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
 

@@ -84,6 +84,9 @@ def test_bad_experts_file_names_file_and_field(tmp_path: Path, experts: Any, exp
     [
         ({"server": {"port": 70000}}, "server.port"),
         ({"server": {"prot": 1}}, "server.prot"),
+        ({"server": {"max_upstream_line_bytes": 100}}, "server.max_upstream_line_bytes"),
+        ({"server": {"max_upstream_line_bytes": 4096, "max_upstream_answer_bytes": 2048}},
+         "server: max_upstream_line_bytes must not exceed max_upstream_answer_bytes"),
         ({"router": {"confidence_threshold": 2}}, "router.confidence_threshold"),
         ({"router": {"categories_file": "../outside.json"}}, "router.categories_file"),
         ({"router": {"categories_file": "/etc/passwd"}}, "router.categories_file"),

@@ -24,6 +24,7 @@ from modules.chat_types import (
 )
 from modules.config_manager import ExpertConfig, ServerConfig
 from modules.errors import (
+    ExpertAnswerTooLarge,
     ExpertError,
     ExpertStreamBroken,
     ExpertTimeout,
@@ -379,6 +380,142 @@ def test_lines_are_split_like_requests_does() -> None:
     assert list(iter_lines([])) == []
 
 
+def test_a_line_longer_than_a_chunk_is_joined_once() -> None:
+    from modules.http_backends import iter_lines
+
+    line = b"x" * 100_000
+    chunks = [line[i : i + 512] for i in range(0, len(line), 512)] + [b"\r", b"\nnext\n"]
+    assert list(iter_lines(chunks)) == [line, b"", b"next"]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 512])
+def test_a_line_at_the_limit_passes_and_one_byte_more_does_not(chunk_size: int) -> None:
+    from modules.http_backends import iter_lines
+
+    def chunked(data: bytes) -> list[bytes]:
+        return [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+
+    assert list(iter_lines(chunked(b"a" * 64 + b"\nb\n"), max_line_bytes=64)) == [b"a" * 64, b"b"]
+    assert list(iter_lines(chunked(b"a" * 64), max_line_bytes=64)) == [b"a" * 64]
+    lines = iter_lines(chunked(b"ok\n" + b"a" * 65 + b"\n"), max_line_bytes=64)
+    assert next(lines) == b"ok"
+    with pytest.raises(ExpertAnswerTooLarge, match="line longer than 64 bytes"):
+        next(lines)
+
+
+def test_a_line_without_end_is_refused_as_soon_as_it_passes_the_limit() -> None:
+    from modules.http_backends import iter_lines
+
+    sent: list[int] = []
+
+    def endless_line() -> Iterator[bytes]:
+        while True:
+            sent.append(512)
+            yield b"a" * 512
+
+    with pytest.raises(ExpertAnswerTooLarge):
+        list(iter_lines(endless_line(), max_line_bytes=4096))
+    assert sum(sent) == 4096 + 512
+
+
+def test_the_answer_limit_counts_every_byte_including_line_breaks() -> None:
+    from modules.http_backends import iter_lines
+
+    assert len(list(iter_lines([b"ab\n"] * 10, max_answer_bytes=30))) == 10
+    lines = iter_lines([b"ab\n"] * 11, max_answer_bytes=30)
+    assert [next(lines) for _ in range(10)] == [b"ab"] * 10
+    with pytest.raises(ExpertAnswerTooLarge, match="answer longer than 30 bytes"):
+        next(lines)
+
+
+def test_an_sse_event_of_endless_short_lines_is_bounded() -> None:
+    from modules.http_backends import bounded_sse_events
+
+    event = [b"data: " + b"a" * 10] * 5 + [b""]
+    assert list(bounded_sse_events(event * 3, 5 * 17)) == event * 3
+    with pytest.raises(ExpertAnswerTooLarge, match="event longer than 84 bytes"):
+        list(bounded_sse_events(event, 5 * 17 - 1))
+
+
+_YIELD_CHECK = """
+from gevent import monkey
+monkey.patch_all()
+import time, gevent
+from modules.http_backends import iter_lines
+
+ticks = []
+
+def other_request():
+    while True:
+        ticks.append(time.monotonic())
+        gevent.sleep(0.001)
+
+def busy_chunks():
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:
+        yield b"x" * 64 + b"\\n"
+
+gevent.spawn(other_request)
+gevent.sleep(0)
+ticks.clear()
+lines = sum(1 for _ in iter_lines(busy_chunks()))
+print(lines, len(ticks))
+"""
+
+
+def test_reading_lets_the_other_greenlets_of_the_worker_run() -> None:
+    """Under gevent, a read loop whose data is always there never waits, so without a pause
+    no other request of the worker would run until it ends (here: zero ticks)."""
+    import subprocess
+    import sys
+
+    from tests.contract.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", _YIELD_CHECK], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=True)
+    lines, ticks = map(int, done.stdout.split())
+    assert lines > 1000 and ticks > 10
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_long_line_before_the_first_event_fails_the_expert_at_the_limit(
+    fake_upstream: FakeUpstream, kind: str, stream: bool
+) -> None:
+    fake_upstream.behave("up-model", long_line=10_000_000)
+    server = ServerConfig(connect_timeout=2.0, read_timeout=5.0, threads=8, max_upstream_line_bytes=65536)
+    backend = BACKENDS[kind](_expert(fake_upstream.url, kind), server)
+    try:
+        seen, error = _collect(backend.stream_chat(_chat(stream=stream)))
+    finally:
+        backend.close()
+    assert seen == [] and isinstance(error, ExpertAnswerTooLarge)
+    assert "line longer than 65536 bytes" in str(error) or "event longer than 65536 bytes" in str(error)
+
+
+def test_a_long_line_after_the_first_event_breaks_the_stream_there(fake_upstream: FakeUpstream, kind: str) -> None:
+    fake_upstream.behave("up-model", tokens=["a", "b"], long_line=10_000_000, hostile_after=1)
+    backend = BACKENDS[kind](_expert(fake_upstream.url, kind), SERVER)
+    try:
+        seen, error = _collect(backend.stream_chat(_chat(stream=True)))
+    finally:
+        backend.close()
+    assert [e.text for e in seen if isinstance(e, TextDelta)] == ["a"]
+    assert isinstance(error, ExpertAnswerTooLarge)
+
+
+def test_an_endless_answer_is_cut_at_the_answer_limit(fake_upstream: FakeUpstream, kind: str) -> None:
+    fake_upstream.behave("up-model", tokens=["a", "b"], endless=True, hostile_after=1)
+    server = ServerConfig(connect_timeout=2.0, read_timeout=5.0, threads=8, max_upstream_line_bytes=1024,
+                          max_upstream_answer_bytes=200_000)
+    backend = BACKENDS[kind](_expert(fake_upstream.url, kind), server)
+    try:
+        seen, error = _collect(backend.stream_chat(_chat(stream=True)))
+    finally:
+        backend.close()
+    assert len(seen) > 100 and all(isinstance(e, TextDelta) for e in seen)
+    assert isinstance(error, ExpertAnswerTooLarge) and "answer longer than 200000 bytes" in str(error)
+
+
 def _requests_iter_lines(chunks: list[bytes]):
     # requests' own iter_lines over the same chunks, as the reference behaviour.
     response = requests.models.Response()
@@ -488,3 +625,62 @@ def test_a_body_that_does_not_end_after_the_answer_costs_its_connection_not_the_
         assert took < 2.0
         list(backend.stream_chat(_chat()))
         assert upstream.connections == 2
+
+
+class _PacedUpstream(http.server.ThreadingHTTPServer):
+    """Sends the first event, then holds the rest of the answer until the reader has the first
+    event (or 5 s pass): chunked, or close-delimited (no length, the end of the body is the end
+    of the connection, as HTTP/1.0 servers stream)."""
+
+    daemon_threads = True
+
+    def __init__(self, chunked: bool) -> None:
+        self.chunked = chunked
+        self.first_event_seen = threading.Event()
+        self.gave_up_waiting = False
+        super().__init__(("127.0.0.1", 0), _PacedHandler)
+
+
+class _PacedHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _PacedUpstream
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        first = b'{"message":{"role":"assistant","content":"hi"},"done":false}\n'
+        rest = b'{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop"}\n'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        if self.server.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        frame = (lambda data: b"%x\r\n%s\r\n" % (len(data), data)) if self.server.chunked else (lambda data: data)
+        self.wfile.write(frame(first))
+        self.wfile.flush()
+        self.server.gave_up_waiting = not self.server.first_event_seen.wait(5)
+        self.wfile.write(frame(rest) + (b"0\r\n\r\n" if self.server.chunked else b""))
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "close-delimited"])
+def test_each_event_is_passed_on_as_soon_as_it_arrives(chunked: bool) -> None:
+    upstream = _PacedUpstream(chunked)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    backend = OllamaBackend(_expert(f"http://127.0.0.1:{upstream.server_address[1]}", "ollama"), SERVER)
+    try:
+        events = []
+        for event in backend.stream_chat(_chat()):
+            events.append(event)
+            upstream.first_event_seen.set()
+    finally:
+        backend.close()
+        upstream.shutdown()
+        upstream.server_close()
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["hi"] and isinstance(events[-1], Done)
+    assert not upstream.gave_up_waiting, "the reader waited for more bytes before passing on the first event"

@@ -57,3 +57,34 @@ def test_forwarded_for_is_used_only_behind_trusted_proxies() -> None:
 def test_unusable_storage_is_a_config_error(uri: str) -> None:
     with pytest.raises(ConfigError, match="rate_limit.storage_uri"):
         app_with(RateLimitConfig(storage_uri=uri))
+
+
+def test_a_storage_failure_while_timing_the_window_is_logged(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    app = Flask(__name__)
+    app.add_url_rule("/work", "work", lambda: "ok", methods=["GET"])
+    limiter = init_rate_limit(app, RateLimitConfig(per_minute=1), respond)
+    assert limiter is not None
+    client = app.test_client()
+    assert client.get("/work").status_code == 200
+
+    def storage_down(*args: object) -> None:
+        raise ConnectionError("storage went away")
+
+    # The count still refuses the request; only asking the storage when the window ends fails.
+    monkeypatch.setattr(limiter.storage, "get_moving_window", storage_down)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("lemoe.rate_limit")
+    logger.addHandler(handler)
+    try:
+        refused = client.get("/work")
+    finally:
+        logger.removeHandler(handler)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "60"
+    failures = [r.getMessage() for r in records if "storage failed" in r.getMessage()]
+    assert failures == ["rate limit storage failed to tell when 127.0.0.1's window ends "
+                        "(ConnectionError: storage went away); Retry-After 60 s"]
+    assert all(r.levelno == logging.WARNING for r in records if "storage failed" in r.getMessage())
