@@ -5,7 +5,7 @@
     python main.py eval DATA.jsonl      measure the router on labelled rows (--json, --plot)
     python main.py calibrate DATA.jsonl --out NEW_CONFIG.json   tune the confidence on labelled rows
     python main.py train DATA.jsonl --out models/NAME           fine-tune a classifier router
-    python main.py --config FILE        use another config.json (any subcommand)
+    python main.py --config FILE        use another config.json (any subcommand; before or after it)
 """
 
 from __future__ import annotations
@@ -212,22 +212,30 @@ def _chat_loop(config: AppConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    config_help = "config.json to use (default: $LEMOE_CONFIG or config/config.json)"
     parser = argparse.ArgumentParser(prog="main.py", description="LeMoE command line")
-    parser.add_argument("--config", help="config.json to use (default: $LEMOE_CONFIG or config/config.json)")
+    parser.add_argument("--config", help=config_help)
+    # `--config` is also taken after the subcommand. SUPPRESS keeps a subcommand that was not given
+    # it from overwriting the value read before the subcommand with its own default.
+    with_config = argparse.ArgumentParser(add_help=False)
+    with_config.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command")
-    route = sub.add_parser("route", help="show the routing decision for a text")
+    route = sub.add_parser("route", help="show the routing decision for a text", parents=[with_config])
     route.add_argument("texts", nargs="+", help="user messages, oldest first (the last one is the new one)")
     route.add_argument("--json", action="store_true", help="print the decision as JSON")
-    ev = sub.add_parser("eval", help="measure the router on labelled JSONL rows {text, label, context?}")
+    ev = sub.add_parser("eval", help="measure the router on labelled JSONL rows {text, label, context?}",
+                        parents=[with_config])
     ev.add_argument("data")
     ev.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     ev.add_argument("--plot", dest="plot_out", help="also draw the confusion matrix as a PNG here")
     ev.add_argument("--limit", type=int, help="only the first N rows")
-    cal = sub.add_parser("calibrate", help="tune the embedding router's confidence on labelled rows")
+    cal = sub.add_parser("calibrate", help="tune the embedding router's confidence on labelled rows",
+                         parents=[with_config])
     cal.add_argument("data")
     cal.add_argument("--out", required=True, help="new config.json to write (inside the project)")
     cal.add_argument("--fallback-recall", type=float, default=0.6, help="fallback recall to aim for")
-    tr = sub.add_parser("train", help="fine-tune a classifier router on labelled rows {text, label}")
+    tr = sub.add_parser("train", help="fine-tune a classifier router on labelled rows {text, label}",
+                        parents=[with_config])
     tr.add_argument("data")
     tr.add_argument("--out", required=True, help="model folder to write, e.g. models/my-router")
     tr.add_argument("--base", help="base model (HF id or folder; default: packaged all-MiniLM-L6-v2)")

@@ -29,13 +29,15 @@ WORST_MISROUTES = 10
 def read_rows(path: Path) -> list[dict[str, Any]]:
     """Labelled rows from a JSONL file; blank lines are skipped, a bad row names its line."""
     rows = []
-    for number, line in enumerate(
-        path.read_text(encoding="utf-8").splitlines(), start=1
-    ):
+    # A JSONL record ends at "\n" only. str.splitlines() (and universal newlines, which turn a
+    # lone "\r" into one) would also cut a row at U+2028, U+0085 or a form feed inside its text;
+    # a "\r" left before the "\n" is JSON whitespace. strict=False takes raw control characters
+    # inside strings, which some writers emit unescaped.
+    for number, line in enumerate(path.read_bytes().decode("utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, strict=False)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
         problem = _row_problem(row)

@@ -125,3 +125,39 @@ def test_calibrate_refuses_what_it_cannot_measure_and_writes_nothing(tmp_path: P
     assert "refused" in out.stdout and "not tuned" in out.stdout
     assert not (tmp_path / "config" / "calibrated.json").exists()
     assert not (tmp_path / "config" / "calibrated.calibration.json").exists()
+
+
+def write_keyword_project(root: Path, name: str, labels: list[str]) -> Path:
+    """config/NAME.json in project `root`, whose experts are `labels` (keyword router: no encoder)."""
+    (root / "config").mkdir(exist_ok=True)
+    experts = [{"id": 0, "label": "fallback", "type": "local", "format": "gguf", "model_path": SMOLLM}]
+    experts += [{"id": i, "label": label, "keywords": [label], "type": "ollama", "url": "http://127.0.0.1:9",
+                 "model_name": "m"} for i, label in enumerate(labels, start=1)]
+    (root / "config" / f"{name}_experts.json").write_text(json.dumps({"experts": experts}))
+    config = root / "config" / f"{name}.json"
+    config.write_text(json.dumps({"server": {"log_file": ""},
+                                  "router": {"model_path": "", "categories_file": f"config/{name}_experts.json"}}))
+    return config
+
+
+def test_config_is_taken_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    config = write_keyword_project(tmp_path, "garden", ["gardening", "astronomy"])
+    data = write_rows(tmp_path / "rows.jsonl", [{"text": "gardening tips", "label": "gardening"},
+                                                {"text": "astronomy tonight", "label": "astronomy"}])
+    for args in (["eval", str(data), "--config", str(config)], ["--config", str(config), "eval", str(data)],
+                 ["eval", "--config", str(config), str(data)]):
+        out = run_main(*args, "--json", str(tmp_path / "r.json"), project=tmp_path)
+        assert out.returncode == 0, (args, out.stderr)
+        report = json.loads((tmp_path / "r.json").read_text())
+        # The default config's experts (programador, ...) would be here had --config been dropped.
+        assert set(report["per_expert"]) == {"gardening", "astronomy", "fallback"}, args
+        assert report["accuracy"] == 1.0
+
+
+def test_config_after_the_subcommand_wins_over_one_before_it(tmp_path: Path) -> None:
+    first = write_keyword_project(tmp_path, "a", ["gardening"])
+    second = write_keyword_project(tmp_path, "b", ["astronomy"])
+    out = run_main("--config", str(first), "route", "--json", "astronomy tonight", "--config", str(second),
+                   project=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["expert"] == "astronomy"

@@ -99,6 +99,31 @@ def test_rows_read_with_context(tmp_path: Path) -> None:
     ]
 
 
+# Characters str.splitlines() breaks a line at, though JSONL does not: a pasted prompt can hold
+# any of them unescaped (json.dumps(..., ensure_ascii=False) leaves U+2028 and U+0085 raw).
+LINE_BREAKS_INSIDE_TEXT = ["\u2028", "\u2029", "\x85", "\x0c", "\x0b", "\x1c", "\x1d", "\x1e", "\r"]
+
+
+def test_a_row_is_one_line_whatever_its_text_holds(tmp_path: Path) -> None:
+    texts = [f"before{ch}after" for ch in LINE_BREAKS_INSIDE_TEXT]
+    body = "".join(
+        '{"text": "' + text + '", "label": "x"}' + ("\r\n" if i % 2 else "\n")
+        for i, text in enumerate(texts)
+    )
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(body.encode("utf-8"))
+    rows = read_rows(path)
+    assert [row["text"] for row in rows] == texts
+    assert all(row["label"] == "x" for row in rows)
+
+
+def test_a_bad_row_after_an_odd_character_keeps_its_line_number(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('{"text": "a\u2028b\x0cc", "label": "x"}\r\n{not json\r\n'.encode())
+    with pytest.raises(ValueError, match=r"rows.jsonl:2"):
+        read_rows(path)
+
+
 @pytest.mark.parametrize(
     "line",
     [
