@@ -4,7 +4,7 @@
     python main.py route "text"         print the routing decision with every expert's score
     python main.py eval DATA.jsonl      measure the router on labelled rows (--json, --plot)
     python main.py calibrate DATA.jsonl --out NEW_CONFIG.json   tune the confidence on labelled rows
-    python main.py train DATA.jsonl --out models/NAME           fine-tune a classifier router
+    python main.py train DATA.jsonl --out models/NAME [--fast]  train a classifier router
     python main.py --config FILE        use another config.json (any subcommand; before or after it)
 """
 
@@ -159,12 +159,41 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _train(data: str, out: str, base: str | None, epochs: int, limit: int | None) -> int:
-    from modules.classifier_training import train_classifier
+def _train(args: argparse.Namespace) -> int:
+    from modules.classifier_training import DEFAULT_TRAIN_LAYERS, train_classifier
 
-    summary = train_classifier(Path(data), Path(out), base_model=base, epochs=epochs, limit=limit)
-    print(json.dumps(summary, indent=2, default=str))
+    layers = 0 if args.fast else DEFAULT_TRAIN_LAYERS if args.train_layers is None else args.train_layers
+    try:
+        summary = train_classifier(
+            Path(args.data), Path(args.out), base_model=args.base, train_layers=layers,
+            epochs=args.epochs, held_out_share=args.held_out, fallback_labels=args.fallback_labels.split(","),
+            accuracy_budget=args.accuracy_budget, limit=args.limit,
+        )
+    except ValueError as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 2
+    held_out = summary.get("held_out")
+    # The full threshold table is in the model folder's summary file; the terminal gets its gist.
+    shown = {**summary, "held_out": {k: v for k, v in held_out.items() if k != "thresholds"}} if held_out else summary
+    print(json.dumps(shown, indent=2, default=str))
+    if held_out:
+        print(format_threshold_table(held_out), file=sys.stderr)
     return 0
+
+
+def format_threshold_table(held_out: dict) -> str:
+    """The held-out threshold table `main.py train` prints, with the proposed threshold marked."""
+    chosen = held_out["chosen"]["threshold"]
+    lines = [f"held-out rows ({held_out['rows']}, not trained on), first routing step only:",
+             f"  {'threshold':>9} {'accuracy':>9} {'fallback P':>11} {'fallback R':>11}"]
+    for row in held_out["thresholds"]:
+        recall = "-" if row["fallback_recall"] is None else f"{row['fallback_recall']:.2f}"
+        mark = "  <- proposed" if row["threshold"] == chosen else ""
+        lines.append(f"  {row['threshold']:>9.2f} {row['accuracy']:>9.1%} {row['fallback_precision']:>11.2f} "
+                     f"{recall:>11}{mark}")
+    lines.append(f"proposed confidence_threshold {chosen}: the highest within {held_out['accuracy_budget']:.0%} "
+                 "of the best held-out accuracy")
+    return "\n".join(lines)
 
 
 def _chat_loop(config: AppConfig) -> int:
@@ -239,11 +268,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("data")
     tr.add_argument("--out", required=True, help="model folder to write, e.g. models/my-router")
     tr.add_argument("--base", help="base model (HF id or folder; default: packaged all-MiniLM-L6-v2)")
-    tr.add_argument("--epochs", type=int, default=3)
-    tr.add_argument("--limit", type=int, help="only the first N rows")
+    tr.add_argument("--train-layers", type=int, help="top encoder layers to train, the rest stay frozen (default 2)")
+    tr.add_argument("--fast", action="store_true",
+                    help="frozen encoder and a linear read-out of its mean vector (--train-layers 0): about a minute")
+    tr.add_argument("--epochs", type=int, default=3, help="at most this many epochs (stops early on held-out rows)")
+    tr.add_argument("--held-out", type=float, default=0.2,
+                    help="share of each label's rows kept out of training, to stop early and choose the threshold")
+    tr.add_argument("--fallback-labels", default="oos",
+                    help="comma-separated labels that mean 'no specialist' (for the held-out threshold table)")
+    tr.add_argument("--accuracy-budget", type=float, default=0.02,
+                    help="held-out accuracy the proposed threshold may give up to catch out-of-scope questions")
+    tr.add_argument("--limit", type=int, help="only N rows, drawn at random")
     args = parser.parse_args(argv)
     if args.command == "train":
-        return _train(args.data, args.out, args.base, args.epochs, args.limit)
+        return _train(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 
 from modules.chat_types import RouteDecision, RouteMethod
+from modules.classifier_heads import classification_logits
 from modules.config_manager import ExpertConfig, RouterConfig
 from modules.embedding_router import is_follow_up, softmax
 from modules.generic_router import (
@@ -265,7 +266,10 @@ class _OnnxModel:
 
 
 class _TorchModel:
-    """Any Hugging Face sequence-classification folder, on transformers + torch."""
+    """Any Hugging Face sequence-classification folder, on transformers + torch.
+
+    A `--fast` folder's read-out (mean token vector, modules/classifier_heads.py) is honoured.
+    """
 
     def __init__(self, model_dir: Path, threads: int) -> None:
         import torch
@@ -293,7 +297,7 @@ class _TorchModel:
         import torch
 
         with torch.inference_mode():
-            logits = self._model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
+            logits = classification_logits(self._model, torch.from_numpy(ids), torch.from_numpy(mask))
             probs: np.ndarray = torch.softmax(logits.float(), dim=-1).numpy()
         return probs
 

@@ -1,18 +1,26 @@
-"""A real LeMoE server (gunicorn, gevent worker) on a free loopback port, for the whole run.
+"""Real LeMoE servers (gunicorn, gevent worker) on free loopback ports, for the whole run.
 
-Its experts point at the loopback fake upstream (tests/fakes/fake_upstream.py), at a port where
+Their experts point at the loopback fake upstream (tests/fakes/fake_upstream.py), at a port where
 nothing listens, and — for the fallback expert — at the real packaged SmolLM2 GGUF model.
+
+`lemoe_server` routes with keywords only (most contract tests are about the wire, and keywords
+route the same on any machine). `routed_server` is parametrised over the three routers a user
+can configure: keywords, the default embedding router (packaged multilingual USE) and a
+classifier router trained here at session scope (`main.py train --fast` on CLASSIFIER_ROWS), so
+that the client suites also answer through each of them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +40,10 @@ class LiveServer:
     url: str
     log_path: Path
     process: subprocess.Popen[bytes]
+    # The configured router ("keyword", "embedding", "classifier") and the X-LeMoE-Route-Method
+    # it gives a question its first step decides (the code questions of the client suites).
+    router: str = "keyword"
+    routed_method: str = "keyword"
 
     def log_text(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -43,9 +55,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_test_project(root: Path, upstream_url: str, closed_url: str) -> Path:
+# What each router is configured with. The classifier's threshold is below what its rows make it
+# reach on a clear question, and above the near-uniform output it gives an unrelated one.
+ROUTERS: dict[str, dict] = {
+    "keyword": {"model_path": ""},
+    "embedding": {"model_path": "use-multilingual"},
+    "classifier": {"mode": "model", "router_type": "classification", "model_path": "models/router",
+                   "confidence_threshold": 0.5},
+}
+ROUTED_METHODS = {"keyword": "keyword", "embedding": "embedding", "classifier": "classification"}
+# Labelled rows for the test classifier: one class per remote expert plus "oos" (no specialist).
+# None of them is a text the tests send.
+CLASSIFIER_SUBJECTS = {
+    "coder": ["a python function that sorts a list", "a bug in my javascript code", "a shell script that renames files",
+              "this code that throws an exception", "una función en python que lea un archivo",
+              "un error en mi código de java", "refactor this class", "a unit test for my function"],
+    "writer": ["a poem about the sea", "an essay on climate change", "a short story about a dragon",
+               "the first chapter of my novel", "un poema sobre la luna", "un cuento para niños",
+               "a haiku about autumn", "a persuasive essay"],
+    "broken": ["my kubernetes pod keeps restarting", "a docker compose file", "the kubernetes ingress",
+               "a docker image that is too big", "mi contenedor de docker", "un clúster de kubernetes",
+               "scaling a kubernetes deployment", "docker networking"],
+    "flaky": ["the weather in Paris tomorrow", "the forecast for the weekend", "rain in London today",
+              "el pronóstico del tiempo", "el clima en Madrid", "a storm warning", "the temperature tonight",
+              "snow in the mountains"],
+    "flakyai": ["a recipe for lasagna", "cooking rice", "a cake recipe", "una receta de paella",
+                "cocinar pollo al horno", "how long to boil an egg", "a vegan dinner recipe", "baking bread"],
+    "oos": ["good morning to you", "how are you today", "tell me a joke", "hola, ¿qué tal?", "thank you very much",
+            "what is the capital of Peru", "who won the world cup", "what time is it", "buenas noches",
+            "what is your name", "nice to meet you", "how tall is mount everest"],
+}
+CLASSIFIER_ASKS = ["Help me with {}", "I need {}", "Can you do {}?", "Ayúdame con {}", "{}"]
+
+
+def classifier_rows() -> list[dict[str, str]]:
+    return [{"text": ask.format(subject), "label": label}
+            for label, subjects in CLASSIFIER_SUBJECTS.items() for subject in subjects for ask in CLASSIFIER_ASKS]
+
+
+def write_test_project(root: Path, upstream_url: str, closed_url: str, router: dict | None = None) -> Path:
     (root / "config").mkdir(parents=True)
-    (root / "models").mkdir()
+    (root / "models").mkdir(exist_ok=True)
 
     def remote(i: int, label: str, kind: str, model: str, keywords: list[str], url: str = upstream_url) -> dict:
         return {"id": i, "label": label, "description": f"{label} expert", "keywords": keywords,
@@ -69,7 +119,7 @@ def write_test_project(root: Path, upstream_url: str, closed_url: str) -> Path:
                    # These tests break the same experts on purpose many times in a row; benching
                    # them would hide what each test checks. The cool-down has its own tests.
                    "expert_cooldown_seconds": 0},
-        "router": {"model_path": "", "categories_file": "config/experts.json"},
+        "router": {**(router or ROUTERS["keyword"]), "categories_file": "config/experts.json"},
         "local_models": {"n_ctx": 1024, "n_threads": 2},
         # The suite sends far more than 60 requests a minute from one IP; the limit has its own tests.
         "rate_limit": {"per_minute": 0},
@@ -104,24 +154,59 @@ def wait_until_serving(url: str, process: subprocess.Popen[bytes], log_path: Pat
     raise RuntimeError(f"server did not start within {timeout}s:\n{log_path.read_text()}")
 
 
-@pytest.fixture(scope="session")
-def lemoe_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    project = tmp_path_factory.mktemp("project")
+@contextmanager
+def running_server(project: Path, upstream_url: str, router: str) -> Iterator[LiveServer]:
+    """A server for a project folder written here, with the named router; stopped on exit."""
     with reserve_closed_port() as closed_port:
-        config_path = write_test_project(project, fake_upstream.url, f"http://127.0.0.1:{closed_port}")
+        config_path = write_test_project(project, upstream_url, f"http://127.0.0.1:{closed_port}", ROUTERS[router])
         port = free_port()
         log_path = project / "server.out"
         process = start_server(config_path, project, log_path, port)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_until_serving(url, process, log_path)
-            yield LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process)
+            yield LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process, router=router,
+                             routed_method=ROUTED_METHODS[router])
         finally:
             process.terminate()
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture(scope="session")
+def lemoe_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    with running_server(tmp_path_factory.mktemp("project"), fake_upstream.url, "keyword") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def trained_router_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A classifier router for the test experts, trained the way a user would (`main.py train --fast`)."""
+    base = tmp_path_factory.mktemp("router-training")
+    rows = base / "rows.jsonl"
+    rows.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in classifier_rows()),
+                    encoding="utf-8")
+    out = subprocess.run([sys.executable, str(REPO / "main.py"), "train", str(rows), "--out", str(base / "router"),
+                          "--fast"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    return base / "router"
+
+
+@pytest.fixture(scope="session", params=list(ROUTERS))
+def routed_server(request: pytest.FixtureRequest, fake_upstream: FakeUpstream,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """A live server per router kind; "keyword" is `lemoe_server` itself."""
+    router: str = request.param
+    if router == "keyword":
+        yield request.getfixturevalue("lemoe_server")
+        return
+    project = tmp_path_factory.mktemp(f"project-{router}")
+    if router == "classifier":
+        shutil.copytree(request.getfixturevalue("trained_router_dir"), project / "models" / "router")
+    with running_server(project, fake_upstream.url, router) as server:
+        yield server
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""LiteLLM as a client of LeMoE: `ollama_chat/...` and `openai/...` providers."""
+"""LiteLLM as a client of LeMoE: `ollama_chat/...` and `openai/...` providers, with each kind of router."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at i
 import litellm  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.contract.conftest import LiveServer  # noqa: E402
+
 MESSAGES = [{"role": "user", "content": "debug this python code"}]
+
+
+@pytest.fixture
+def base_url(routed_server: LiveServer) -> str:
+    return routed_server.url
 
 
 @pytest.mark.parametrize("stream", [False, True])

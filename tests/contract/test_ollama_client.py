@@ -1,13 +1,26 @@
-"""The real `ollama` Python client against the real server."""
+"""The real `ollama` Python client against the real server, with each kind of router.
+
+The client hides response headers, so the routing headers are read with httpx, the HTTP library
+the client itself sends with, on the same requests.
+"""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import ollama
 import pytest
 
+from tests.contract.conftest import LiveServer
 from tests.fakes.fake_upstream import FakeUpstream
 
 CODE_Q = [{"role": "user", "content": "escribe una función en python"}]
+
+
+@pytest.fixture
+def base_url(routed_server: LiveServer) -> str:
+    return routed_server.url
 
 
 @pytest.fixture
@@ -36,6 +49,40 @@ def test_chat_streaming(client: ollama.Client) -> None:
     parts = list(client.chat(model="lemoe", messages=CODE_Q, stream=True))
     assert "".join(p.message.content or "" for p in parts) == "Hello from coder-model"
     assert parts[-1].done and not any(p.done for p in parts[:-1])
+
+
+def test_the_route_method_is_in_the_headers(base_url: str, routed_server: LiveServer) -> None:
+    for stream in (False, True):
+        body = {"model": "lemoe", "messages": CODE_Q, "stream": stream}
+        with httpx.stream("POST", base_url + "/api/chat", json=body, timeout=30) as reply:
+            reply.read()
+        assert reply.status_code == 200
+        assert (reply.headers["X-LeMoE-Expert"], reply.headers["X-LeMoE-Route-Method"]) == \
+            ("coder", routed_server.routed_method), stream
+        lines = [json.loads(line) for line in reply.text.splitlines()] if stream else [reply.json()]
+        assert "".join(line["message"]["content"] for line in lines) == "Hello from coder-model"
+    generated = httpx.post(base_url + "/api/generate", json={"model": "lemoe", "prompt": CODE_Q[0]["content"],
+                                                              "stream": False}, timeout=30)
+    assert generated.json()["response"] == "Hello from coder-model"
+    assert generated.headers["X-LeMoE-Route-Method"] == routed_server.routed_method
+    direct = httpx.post(base_url + "/api/chat", json={"model": "writer", "messages": CODE_Q, "stream": False},
+                        timeout=30)
+    assert (direct.headers["X-LeMoE-Expert"], direct.headers["X-LeMoE-Route-Method"]) == ("writer", "direct")
+
+
+def test_a_follow_up_is_routed_with_its_conversation(base_url: str) -> None:
+    messages = [*CODE_Q, {"role": "assistant", "content": "Aquí está."}, {"role": "user", "content": "hazlo más corto"}]
+    reply = httpx.post(base_url + "/api/chat", json={"model": "lemoe", "messages": messages, "stream": False},
+                       timeout=30)
+    assert (reply.headers["X-LeMoE-Expert"], reply.headers["X-LeMoE-Route-Method"]) == ("coder", "cascade")
+
+
+def test_an_unrelated_question_reaches_the_fallback_expert(base_url: str) -> None:
+    body = {"model": "lemoe", "messages": [{"role": "user", "content": "Say hello."}], "stream": False,
+            "options": {"num_predict": 8}}
+    reply = httpx.post(base_url + "/api/chat", json=body, timeout=60)
+    assert (reply.headers["X-LeMoE-Expert"], reply.headers["X-LeMoE-Route-Method"]) == ("fallback", "fallback")
+    assert reply.json()["message"]["content"].strip()
 
 
 def test_chat_to_openai_type_expert_by_name_with_tag(client: ollama.Client) -> None:

@@ -1,4 +1,4 @@
-"""The real `openai` Python client against the real server."""
+"""The real `openai` Python client against the real server, with each kind of router."""
 
 from __future__ import annotations
 
@@ -7,12 +7,18 @@ import json
 import openai
 import pytest
 
+from tests.contract.conftest import LiveServer
 from tests.fakes.fake_upstream import FakeUpstream
 
 CODE_Q = [{"role": "user", "content": "fix the bug in my python script"}]
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture
+def base_url(routed_server: LiveServer) -> str:
+    return routed_server.url
 
 
 @pytest.fixture
@@ -45,10 +51,32 @@ def test_chat_direct_to_openai_type_expert(client: openai.OpenAI, fake_upstream:
     assert forwarded["temperature"] == 0.3 and forwarded["stop"] == ["END"]
 
 
-def test_unknown_model_name_is_routed(client: openai.OpenAI) -> None:
+def test_unknown_model_name_is_routed(client: openai.OpenAI, routed_server: LiveServer) -> None:
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=CODE_Q)
     assert raw.headers["X-LeMoE-Expert"] == "coder"
+    assert raw.headers["X-LeMoE-Route-Method"] == routed_server.routed_method
     assert raw.parse().choices[0].message.content == "Hello from coder-model"
+
+
+def test_the_route_method_is_in_the_headers(client: openai.OpenAI, routed_server: LiveServer) -> None:
+    for stream in (False, True):
+        raw = client.chat.completions.with_raw_response.create(model="lemoe", messages=CODE_Q, stream=stream)
+        assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == \
+            ("coder", routed_server.routed_method), stream
+        assert float(raw.headers["X-LeMoE-Route-Score"]) > 0
+        reply = raw.parse()
+        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream \
+            else reply.choices[0].message.content
+        assert text == "Hello from coder-model"
+    direct = client.chat.completions.with_raw_response.create(model="writer", messages=CODE_Q)
+    assert (direct.headers["X-LeMoE-Expert"], direct.headers["X-LeMoE-Route-Method"]) == ("writer", "direct")
+
+
+def test_a_follow_up_is_routed_with_its_conversation(client: openai.OpenAI) -> None:
+    messages = [*CODE_Q, {"role": "assistant", "content": "Here is the fix."},
+                {"role": "user", "content": "now make it shorter"}]
+    raw = client.chat.completions.with_raw_response.create(model="lemoe", messages=messages)
+    assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == ("coder", "cascade")
 
 
 def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
@@ -111,6 +139,6 @@ def test_fallback_expert_really_generates(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="lemoe", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16)
     reply = raw.parse()
-    assert raw.headers["X-LeMoE-Expert"] == "fallback"
+    assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == ("fallback", "fallback")
     assert reply.choices[0].message.content.strip()
     assert reply.choices[0].finish_reason in ("stop", "length")

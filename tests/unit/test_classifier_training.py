@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import json
 import math
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from modules.classifier_heads import MEAN_POOLING, POOLING_KEY
 from modules.classifier_training import (
+    HELD_OUT_FILE,
     TRAINING_SUMMARY_FILE,
     class_labels,
     class_weights,
-    learning_rate_factor,
     packaged_base_model,
     sample_rows,
     train_classifier,
 )
-from modules.decision_router import ONNX_MODEL_FILE
+from modules.config_manager import ExpertConfig, RouterConfig
+from modules.decision_router import ONNX_MODEL_FILE, DecisionRouter
+from modules.route_eval import read_rows
 
 SUBJECTS = {
     "banking": ["my account balance", "a wire transfer", "my savings account", "the routing number", "a bank deposit"],
@@ -69,10 +71,32 @@ def test_training_returns_a_summary_of_the_run(trained: tuple[Path, dict[str, An
     _, summary = trained
     assert summary["labels"] == ["banking", "kitchen", "oos", "travel"]
     assert summary["rows"] == 60
-    assert sum(summary["label_counts"].values()) == 60
-    assert summary["epochs"] == 1
-    assert summary["train_seconds"] > 0
+    # A fifth of each label's rows is held out.
+    assert summary["trained_rows"] == sum(summary["label_counts"].values()) == 60 - summary["held_out"]["rows"]
+    assert 8 <= summary["held_out"]["rows"] <= 16
+    assert summary["epochs_run"] == summary["best_epoch"] == 1
+    assert summary["train_layers"] == 2 and summary["pooling"] == "cls"
+    assert summary["train_seconds"] >= summary["encode_seconds"] > 0
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
+    assert math.isfinite(summary["held_out_loss"])
+
+
+def test_the_held_out_rows_are_saved_and_give_a_threshold_table(trained: tuple[Path, dict[str, Any]],
+                                                               tmp_path: Path) -> None:
+    out_dir, summary = trained
+    held = read_rows(out_dir / HELD_OUT_FILE)
+    assert len(held) == summary["held_out"]["rows"]
+    assert {row["label"] for row in held} == set(summary["labels"])
+    table = summary["held_out"]["thresholds"]
+    assert [row["threshold"] for row in table][:3] == [0.0, 0.05, 0.1]
+    assert all(row["fallback_recall"] is not None for row in table)
+    assert summary["held_out"]["chosen"] in table
+    assert summary["held_out"]["fallback_labels"] == ["oos"]
+    # Nothing held out: no table, no file.
+    rows = write_rows(tmp_path / "rows.jsonl", labelled_rows())
+    everything = train_classifier(rows, tmp_path / "all", epochs=1, held_out_share=0.0, progress=False)
+    assert everything["held_out"] is None and everything["trained_rows"] == 80
+    assert not (tmp_path / "all" / HELD_OUT_FILE).exists()
 
 
 def test_the_saved_folder_is_a_complete_model_with_labels_as_classes(trained: tuple[Path, dict[str, Any]]) -> None:
@@ -88,6 +112,7 @@ def test_the_saved_folder_is_a_complete_model_with_labels_as_classes(trained: tu
     assert (out_dir / ONNX_MODEL_FILE).stat().st_size > 1_000_000
     saved = json.loads((out_dir / TRAINING_SUMMARY_FILE).read_text())
     assert saved["labels"] == summary["labels"] and saved["rows"] == 60
+    assert saved["train_seconds"] > 0
     # The staging folder was renamed into place: nothing else is left beside it.
     assert [p.name for p in out_dir.parent.iterdir()] == ["router"]
     assert not [p.name for p in out_dir.iterdir() if p.name.endswith(".fp32")]
@@ -104,8 +129,9 @@ def test_retraining_replaces_the_folder_whole(tmp_path: Path, capsys: pytest.Cap
     assert not (out_dir / "stale-file.bin").exists()
     assert json.loads((out_dir / "config.json").read_text())["id2label"] == {"0": "banking", "1": "travel"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["router", "rows.jsonl"]
-    # Progress goes to stderr, one bar per epoch, ending on the last step.
-    assert "epoch 1/1" in capsys.readouterr().err
+    # Progress goes to stderr: the frozen layers' pass, then one bar per epoch with the time left.
+    err = capsys.readouterr().err
+    assert "encoding (frozen layers)" in err and "epoch 1/1" in err and "held-out loss" in err
 
 
 def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path: Path) -> None:
@@ -157,9 +183,30 @@ def test_limit_draws_a_seeded_sample_across_labels() -> None:
         sample_rows(rows, 0, seed=0)
 
 
-def test_the_learning_rate_warms_up_then_decays_to_zero() -> None:
-    factors = [learning_rate_factor(step, 100, 10) for step in range(101)]
-    assert factors[0] == pytest.approx(0.1)
-    assert factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in pairwise(factors[9:]))
-    assert factors[100] == 0.0
+GENERAL = ExpertConfig(id=0, label="general", type="ollama", url="http://127.0.0.1:11434", model_name="m")
+EXPERTS = (GENERAL, *(ExpertConfig(id=i, label=label, type="ollama", url="http://127.0.0.1:11434", model_name="m")
+                      for i, label in enumerate(["banking", "kitchen", "travel"], start=1)))
+
+
+def test_fast_mode_fits_a_read_out_of_the_frozen_encoder_that_both_runtimes_serve(tmp_path: Path) -> None:
+    import numpy as np
+
+    rows = write_rows(tmp_path / "rows.jsonl", labelled_rows())
+    summary = train_classifier(rows, tmp_path / "fast", train_layers=0, progress=False)
+    assert summary["pooling"] == "mean" and summary["train_layers"] == 0
+    config = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert config[POOLING_KEY] == MEAN_POOLING
+    # The encoder is the base, untouched.
+    from safetensors.torch import load_file
+
+    base = load_file(packaged_base_model() / "model.safetensors")
+    saved = load_file(tmp_path / "fast" / "model.safetensors")
+    key = next(k for k in saved if k.endswith("encoder.layer.5.output.dense.weight"))
+    assert (saved[key] == base[next(k for k in base if k.endswith("encoder.layer.5.output.dense.weight"))]).all()
+    served = DecisionRouter(EXPERTS, RouterConfig(confidence_threshold=0.0), tmp_path / "fast")
+    reference = DecisionRouter(EXPERTS, RouterConfig(confidence_threshold=0.0), tmp_path / "fast", runtime="torch")
+    texts = ["Help me with a wire transfer", "Tell me about a flight to Rome", "I have a question on baking bread"]
+    onnx_probs = np.concatenate([served.probabilities([t]) for t in texts])
+    torch_probs = np.concatenate([reference.probabilities([t]) for t in texts])
+    assert np.abs(onnx_probs - torch_probs).max() < 0.05
+    assert [served.route([t]).label for t in texts] == ["banking", "travel", "kitchen"]

@@ -161,3 +161,26 @@ def test_config_after_the_subcommand_wins_over_one_before_it(tmp_path: Path) -> 
                    project=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["expert"] == "astronomy"
+
+
+def test_train_fast_prints_the_summary_and_the_held_out_threshold_table(tmp_path: Path) -> None:
+    subjects = {"banking": ["my account balance", "a wire transfer", "my savings"],
+                "travel": ["a flight to Rome", "a hotel in Lisbon", "my passport"],
+                "oos": ["the moon landing", "jazz history", "a chess opening"]}
+    rows = [{"text": f"{ask} {s}", "label": label} for label, items in subjects.items() for s in items
+            for ask in ("Tell me about", "Help me with", "A question on", "What about")]
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    out = run_main("train", str(data), "--out", str(tmp_path / "models" / "router"), "--fast")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["pooling"] == "mean" and summary["rows"] == 36
+    assert "thresholds" not in summary["held_out"] and summary["held_out"]["chosen"]["threshold"] >= 0
+    assert "<- proposed" in out.stderr and "encoding (frozen layers)" in out.stderr
+    assert (tmp_path / "models" / "router" / "model.int8.onnx").is_file()
+
+
+def test_train_refuses_rows_of_one_label_without_a_traceback(tmp_path: Path) -> None:
+    data = write_rows(tmp_path / "rows.jsonl", [{"text": "hi", "label": "a"}, {"text": "yo", "label": "a"}])
+    out = run_main("train", str(data), "--out", str(tmp_path / "out"), "--fast")
+    assert out.returncode == 2
+    assert "at least 2 labels" in out.stderr and "Traceback" not in out.stderr
