@@ -155,24 +155,31 @@ def wait_until_serving(url: str, process: subprocess.Popen[bytes], log_path: Pat
 
 
 @contextmanager
+def serving(config_path: Path, project: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(base URL, process) of a server started on `config_path` and a free port; stopped on exit."""
+    port = free_port()
+    log_path = project / "server.out"
+    process = start_server(config_path, project, log_path, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, process, log_path)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
 def running_server(project: Path, upstream_url: str, router: str) -> Iterator[LiveServer]:
     """A server for a project folder written here, with the named router; stopped on exit."""
     with reserve_closed_port() as closed_port:
         config_path = write_test_project(project, upstream_url, f"http://127.0.0.1:{closed_port}", ROUTERS[router])
-        port = free_port()
-        log_path = project / "server.out"
-        process = start_server(config_path, project, log_path, port)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_serving(url, process, log_path)
+        with serving(config_path, project) as (url, process):
             yield LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process, router=router,
                              routed_method=ROUTED_METHODS[router])
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import openai
 import pytest
 import requests
 
-from tests.contract.conftest import SMOLLM, free_port, start_server, wait_until_serving
+from tests.contract.conftest import SMOLLM, serving
 from tests.fakes.fake_upstream import FakeUpstream, reserve_closed_port
 
 # A 1x1 PNG.
@@ -69,19 +68,8 @@ def url(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -
     project = tmp_path_factory.mktemp("capabilities")
     with reserve_closed_port() as closed_port:
         config = write_project(project, fake_upstream.url, f"http://127.0.0.1:{closed_port}")
-        port = free_port()
-        log_path = project / "server.out"
-        process = start_server(config, project, log_path, port)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_serving(base, process, log_path)
+        with serving(config, project) as (base, _):
             yield base
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 class Headers:
