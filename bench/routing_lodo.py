@@ -35,7 +35,7 @@ import numpy as np
 from bench.servers import REPO
 from modules.calibration import calibrate
 from modules.config_manager import AppConfig, load_config
-from modules.embedding_router import EmbeddingRouter, EmbeddingSettings
+from modules.embedding_router import EmbeddingRouter, EmbeddingSettings, settings_from_router_config
 from modules.encoders import build_encoder
 from modules.generic_router import KeywordRouter
 from modules.route_eval import accuracy_report, read_rows, route_rows
@@ -54,6 +54,8 @@ LEMOE_GRID = {
     "oos_score": (1.0, 1.5, 2.0, 2.5, 3.0),
     "standardized_temperature": (0.25, 0.5, 1.0),
     "confidence_threshold": (0.2, 0.3, 0.4, 0.5),
+    "expert_centering": (0.0, 0.5, 1.0),
+    "description_scoring": ("whole", "sentences"),
 }
 REFERENCE_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.0, 0.951, 0.025), 3))
 
@@ -131,17 +133,18 @@ def score(make: RouterMaker, parts: Sequence[Part], configs: dict[str, AppConfig
         accuracies.append(report["accuracy"])
         if report["per_expert"][fallback]["support"]:
             recalls.append(report["fallback"]["recall"])
-    return {"accuracy": float(np.mean(accuracies)), "fallback_recall": float(np.mean(recalls)) if recalls else float("nan")}
+    return {"accuracy": float(np.mean(accuracies)), "fallback_recall": float(np.mean(recalls)) if recalls else float("nan"),
+            "parts": [round(float(a), 4) for a in accuracies]}
 
 
-def lemoe(encoder: MemoEncoder, oos_score: float = 2.0, standardized_temperature: float = 0.5,
-          confidence_threshold: float | None = None) -> RouterMaker:
+def lemoe(encoder: MemoEncoder, **constants: Any) -> RouterMaker:
+    """LeMoE's embedding router with the example config's settings, `constants` overriding them
+    (`confidence_threshold` or any EmbeddingSettings field)."""
     def make(config: AppConfig) -> EmbeddingRouter:
-        router_config = config.router
-        if confidence_threshold is not None:
-            router_config = router_config.model_copy(update={"confidence_threshold": confidence_threshold})
-        settings = EmbeddingSettings(oos_score=oos_score, standardized_temperature=standardized_temperature)
-        return EmbeddingRouter(config.experts, router_config, encoder, settings=settings)
+        settings = {**vars(settings_from_router_config(config.router)), **constants}
+        threshold = settings.pop("confidence_threshold", config.router.confidence_threshold)
+        router_config = config.router.model_copy(update={"confidence_threshold": threshold})
+        return EmbeddingRouter(config.experts, router_config, encoder, settings=EmbeddingSettings(**settings))
     return make
 
 
@@ -152,34 +155,80 @@ def reference(encoder: MemoEncoder, threshold: float) -> RouterMaker:
     return make
 
 
-def choose_elsewhere(
+def score_all(
     candidates: dict[Any, RouterMaker], sets: dict[str, list[Part]], configs: dict[str, AppConfig]
-) -> dict[str, tuple[Any, dict[str, float]]]:
+) -> dict[Any, dict[str, dict[str, Any]]]:
+    """Every candidate's score on every dataset."""
+    return {key: {name: score(make, parts, configs) for name, parts in sets.items()} for key, make in candidates.items()}
+
+
+def choose_elsewhere(scores: dict[Any, dict[str, dict[str, Any]]]) -> dict[str, tuple[Any, dict[str, Any]]]:
     """For each dataset: the candidate with the best mean accuracy over the OTHER datasets, and
     its score on the dataset itself."""
-    scores = {key: {name: score(make, parts, configs) for name, parts in sets.items()} for key, make in candidates.items()}
     chosen = {}
-    for held_out in sets:
+    for held_out in next(iter(scores.values())):
         best = max(scores, key=lambda key: np.mean([s["accuracy"] for n, s in scores[key].items() if n != held_out]))
         chosen[held_out] = (best, scores[best][held_out])
     return chosen
 
 
-def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
-    """Share of MT-Bench-X second turns that keep the first turn's expert, per language, and of
-    CLINC out-of-scope questions asked after an MT-Bench-X first turn that reach the fallback."""
-    router = lemoe(encoder)(configs["assistants"])
-    mt = _rows(data, "mtbench_x_en_es.jsonl")
+def choose_on_all(scores: dict[Any, dict[str, dict[str, Any]]]) -> Any:
+    """The same rule with every dataset: how the shipped defaults are chosen."""
+    return max(scores, key=lambda key: np.mean([s["accuracy"] for s in scores[key].values()]))
+
+
+SWITCH_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def follow_up_rates(router: EmbeddingRouter, firsts: Sequence[dict[str, Any]], unrelated: Sequence[str]) -> dict[str, float]:
+    """Share of real second turns that keep the first turn's expert (per language), and of
+    unrelated questions asked after a first turn that reach the fallback."""
     out = {}
     for lang in ("en", "es"):
-        turns = [r for r in mt if r["lang"] == lang]
-        out[f"follow-ups keep their expert ({lang})"] = float(np.mean(
-            [router.route([r["text"], r["turn2"]]).label == router.route([r["text"]]).label for r in turns]))
-    english = [r for r in mt if r["lang"] == "en"]
-    oos = [r["text"] for r in _rows(data, "clinc150_domains_val.jsonl") if r["label"] == "oos"]
-    out["unrelated question after a first turn -> fallback"] = float(np.mean(
-        [router.route([english[i % len(english)]["text"], text]).label == "fallback" for i, text in enumerate(oos)]))
+        turns = [r for r in firsts if r["lang"] == lang]
+        out[lang] = float(np.mean([router.route([r["text"], r["turn2"]]).label == router.route([r["text"]]).label for r in turns]))
+    english = [r for r in firsts if r["lang"] == "en"]
+    out["unrelated"] = float(np.mean(
+        [router.route([english[i % len(english)]["text"], text]).label == "fallback" for i, text in enumerate(unrelated)]))
     return out
+
+
+def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
+    """MT-Bench-X second turns after their first (assistants set), and CLINC out-of-scope
+    questions after an MT-Bench-X first turn, with the switch confidence chosen out of fold.
+
+    The questions are split in two halves (question number odd / even, the out-of-scope rows
+    alternately); the switch confidence is chosen on one half, by the mean of the keep rate and
+    the unrelated-to-fallback rate, and measured on the other; the table adds up both halves.
+    The shipped value's own figures on all rows come alongside."""
+    mt = _rows(data, "mtbench_x_en_es.jsonl")
+    oos = [r["text"] for r in _rows(data, "clinc150_domains_val.jsonl") if r["label"] == "oos"]
+    half = {k: ([r for r in mt if int(r["question_id"].split("_")[0]) % 2 == k], oos[k::2]) for k in (0, 1)}
+    routers = {t: lemoe(encoder, switch_confidence=t)(configs["assistants"]) for t in SWITCH_GRID}
+    rates = {(t, k): follow_up_rates(routers[t], *half[k]) for t in SWITCH_GRID for k in (0, 1)}
+    out_of_fold: dict[str, list[float]] = {"en": [], "es": [], "unrelated": []}
+    chosen = []
+    for k in (0, 1):
+        def merit(t: float) -> float:
+            r = rates[(t, 1 - k)]
+            return (np.mean([r["en"], r["es"]]) + r["unrelated"]) / 2
+        best = max(SWITCH_GRID, key=merit)
+        chosen.append(best)
+        for key in out_of_fold:
+            out_of_fold[key].append(rates[(best, k)][key])
+    on_all = max(SWITCH_GRID, key=lambda t: np.mean([
+        (np.mean([rates[(t, k)]["en"], rates[(t, k)]["es"]]) + rates[(t, k)]["unrelated"]) / 2 for k in (0, 1)]))
+    shipped = follow_up_rates(lemoe(encoder)(configs["assistants"]), mt, oos)
+    return {
+        "follow-ups keep their expert, out of fold (en)": float(np.mean(out_of_fold["en"])),
+        "follow-ups keep their expert, out of fold (es)": float(np.mean(out_of_fold["es"])),
+        "unrelated question after a first turn -> fallback, out of fold": float(np.mean(out_of_fold["unrelated"])),
+        "switch confidence chosen per half": chosen,  # type: ignore[dict-item]
+        "switch confidence the rule picks on all rows": on_all,
+        "shipped: follow-ups keep (en)": shipped["en"],
+        "shipped: follow-ups keep (es)": shipped["es"],
+        "shipped: unrelated -> fallback": shipped["unrelated"],
+    }
 
 
 def calibrated_clinc(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
@@ -215,14 +264,20 @@ def main(argv: list[str] | None = None) -> int:
         table[name]["LeMoE as shipped"] = score(lemoe(encoder), parts, configs)
     print("choosing the reference threshold elsewhere ...", file=sys.stderr)
     for name, (threshold, result) in choose_elsewhere(
-        {t: reference(encoder, t) for t in REFERENCE_THRESHOLDS}, sets, configs
+        score_all({t: reference(encoder, t) for t in REFERENCE_THRESHOLDS}, sets, configs)
     ).items():
         table[name]["reference, threshold chosen elsewhere"] = {**result, "chosen": threshold}
     print("choosing LeMoE's constants elsewhere ...", file=sys.stderr)
-    grid = {combo: lemoe(encoder, *combo) for combo in itertools.product(*LEMOE_GRID.values())}
-    for name, (combo, result) in choose_elsewhere(grid, sets, configs).items():
+    grid = {combo: lemoe(encoder, **dict(zip(LEMOE_GRID, combo))) for combo in itertools.product(*LEMOE_GRID.values())}
+    grid_scores = score_all(grid, sets, configs)
+    for name, (combo, result) in choose_elsewhere(grid_scores).items():
         table[name]["LeMoE, constants chosen elsewhere"] = {**result, "chosen": dict(zip(LEMOE_GRID, combo))}
-    extra: dict[str, Any] = {"follow_ups": follow_ups(encoder, args.data, configs)}
+    on_all = choose_on_all(grid_scores)
+    extra: dict[str, Any] = {
+        "the rule on every dataset (shipped defaults)": {
+            **dict(zip(LEMOE_GRID, on_all)), **{name: s["accuracy"] for name, s in grid_scores[on_all].items()}},
+        "follow_ups": follow_ups(encoder, args.data, configs),
+    }
     if not args.skip_calibration:
         print("calibrating on CLINC150 val, measuring on train ...", file=sys.stderr)
         extra["clinc_calibrated_on_val_measured_on_train"] = calibrated_clinc(encoder, args.data, configs)
@@ -257,7 +312,11 @@ def print_table(table: dict[str, dict[str, Any]], extra: dict[str, Any]) -> None
         for router in ("reference, threshold chosen elsewhere", "LeMoE, constants chosen elsewhere"):
             print(f"  {name}: {router}: {table[name][router]['chosen']}")
     for key, value in extra.items():
-        print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in value.items()))
+        print(f"{key}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items()))
+    for name in table:
+        parts = table[name]["LeMoE, constants chosen elsewhere"]["parts"]
+        if len(parts) > 1:
+            print(f"  {name} parts (LeMoE, chosen elsewhere): {parts}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from modules.embedding_router import EmbeddingRouter
 
 Row = Mapping[str, Any]
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3
 # The query vector is unit length; scaled so that the read-out's weights stay O(1).
 READOUT_FEATURE_SCALE = 10.0
 # Fewer labelled rows than this for an expert and it is not tuned at all: a residual fitted on
@@ -55,6 +55,10 @@ class Readout:
     # Confidence threshold for the decisions the read-out makes; the others keep the config's.
     threshold: float
     fingerprint: str
+    # How far the prior's log-probabilities are trusted, learned with the weights (starts at 1:
+    # the prior as it is). The rows say whether the configuration's confidence is too sharp or
+    # too flat for them, so the read-out need not spend its weights undoing it.
+    prior_scale: float = 1.0
 
 
 def readout_features(query_vectors: np.ndarray) -> np.ndarray:
@@ -94,7 +98,7 @@ def apply_readout(
     probs = prior.astype(np.float64, copy=True)
     if tuned.any():
         offsets, mass = _prior_offsets(prior[tuned], columns)
-        logits = offsets + readout_features(query_vectors[tuned]) @ readout.weights + readout.bias
+        logits = readout.prior_scale * offsets + readout_features(query_vectors[tuned]) @ readout.weights + readout.bias
         probs[np.ix_(np.flatnonzero(tuned), columns)] = softmax(logits) * mass
     return probs, tuned
 
@@ -107,8 +111,9 @@ def fit_residual(
     none_column: int | None,
     none_weight: float = 3.0,
     steps: int = 600,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression with fixed per-row offsets (Adam, L2 on the weights).
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Multinomial logistic regression over per-row offsets (the prior's log-probabilities) times
+    a learned scale (Adam; L2 on the weights, and on the scale's distance from 1).
 
     Out-of-scope rows are rare in labelled sets yet are what "none" must learn from, so they
     weigh `none_weight` times more than the others.
@@ -121,16 +126,24 @@ def fit_residual(
     if none_column is not None:
         sample_weight[targets == none_column] = none_weight
     sample_weight /= sample_weight.sum()
-    moments = [np.zeros_like(weights), np.zeros_like(bias)]
-    squares = [np.zeros_like(weights), np.zeros_like(bias)]
+    scale = np.ones(1)
+    params = (weights, bias, scale)
+    moments = [np.zeros_like(p) for p in params]
+    squares = [np.zeros_like(p) for p in params]
     for t in range(1, steps + 1):
-        grad_logits = (softmax(offsets + features @ weights + bias) - onehot) * sample_weight[:, None]
-        grads = [features.T @ grad_logits + l2 * weights, grad_logits.sum(axis=0)]
-        for i, (param, grad) in enumerate(zip((weights, bias), grads)):
+        grad_logits = (softmax(scale[0] * offsets + features @ weights + bias) - onehot) * sample_weight[:, None]
+        grads = [
+            features.T @ grad_logits + l2 * weights,
+            grad_logits.sum(axis=0),
+            np.array([(grad_logits * offsets).sum() + l2 * (scale[0] - 1.0)]),
+        ]
+        for i, (param, grad) in enumerate(zip(params, grads)):
             moments[i] = 0.9 * moments[i] + 0.1 * grad
             squares[i] = 0.999 * squares[i] + 0.001 * grad * grad
             param -= 0.05 * (moments[i] / (1 - 0.9**t)) / (np.sqrt(squares[i] / (1 - 0.999**t)) + 1e-8)
-    return weights, bias
+        # A negative scale would turn the configuration's favourite into its least likely.
+        np.maximum(scale, 0.0, out=scale)
+    return weights, bias, float(scale[0])
 
 
 def decide(probs: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
@@ -262,9 +275,9 @@ def calibrate(
         for k in range(folds):
             train = (fold_of != k) & fit_rows
             offsets, _ = _prior_offsets(prior[train], columns)
-            weights, bias = fit_residual(features[train], offsets, local[train], l2, none_column)
+            weights, bias, scale = fit_residual(features[train], offsets, local[train], l2, none_column)
             held = np.flatnonzero(fold_of == k)
-            readout = Readout(tuple(int(c) for c in columns), weights, bias, 0.0, "")
+            readout = Readout(tuple(int(c) for c in columns), weights, bias, 0.0, "", scale)
             oof[held], oof_tuned[held] = apply_readout(prior[held], queries[held], readout, gate)
         threshold, accuracy, recall = choose_threshold(
             oof, targets, oof_tuned, config_threshold, target_fallback_recall
@@ -284,8 +297,8 @@ def calibrate(
             **common,
         )
     offsets, _ = _prior_offsets(prior[fit_rows], columns)
-    weights, bias = fit_residual(features[fit_rows], offsets, local[fit_rows], l2, none_column)
-    readout = Readout(tuple(int(c) for c in columns), weights, bias, threshold, router.anchors.fingerprint)
+    weights, bias, scale = fit_residual(features[fit_rows], offsets, local[fit_rows], l2, none_column)
+    readout = Readout(tuple(int(c) for c in columns), weights, bias, threshold, router.anchors.fingerprint, scale)
     return Calibration(readout, l2, oof_accuracy=accuracy, oof_fallback_recall=recall, recalls=recalls, **common)
 
 
@@ -299,6 +312,7 @@ def readout_to_json(readout: Readout, labels: Sequence[str]) -> dict[str, Any]:
         "confidence_threshold": readout.threshold,
         "weights": np.round(readout.weights, 6).tolist(),
         "bias": np.round(readout.bias, 6).tolist(),
+        "prior_scale": round(readout.prior_scale, 6),
     }
 
 
@@ -313,9 +327,12 @@ def readout_from_json(data: Mapping[str, Any], labels: Sequence[str], fingerprin
     weights = np.asarray(data["weights"], dtype=np.float64)
     bias = np.asarray(data["bias"], dtype=np.float64)
     threshold = float(data["confidence_threshold"])
+    prior_scale = float(data["prior_scale"])
     if weights.shape != (dim, len(columns)) or bias.shape != (len(columns),) or not 0 <= threshold <= 1:
         return None
-    return Readout(columns, weights, bias, threshold, fingerprint)
+    if not 0 <= prior_scale < float("inf"):
+        return None
+    return Readout(columns, weights, bias, threshold, fingerprint, prior_scale)
 
 
 def calibration_json(calibration: Calibration) -> dict[str, Any]:

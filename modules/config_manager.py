@@ -103,7 +103,13 @@ class RouterConfig(_Strict):
     scoring: Literal["standardized", "reference"] = Field(
         "standardized", description="Embedding confidence: standardised with a 'none' option, or the reference softmax.")
     oos_score: float = Field(2.0, description="Standardised score of the 'none of these experts' option.")
-    standardized_temperature: float = Field(0.5, gt=0, description="Softmax temperature over standardised scores.")
+    standardized_temperature: float = Field(0.25, gt=0, description="Softmax temperature over standardised scores.")
+    expert_centering: float = Field(
+        0.5, ge=0, le=1, description="Share of the mean score over all experts taken off each expert's score.")
+    description_scoring: Literal["whole", "sentences"] = Field(
+        "sentences", description="Score a description as one text, or by its closest sentence.")
+    switch_confidence: float = Field(
+        0.9, ge=0, le=1, description="Probability at which a new turn leaves its conversation's expert.")
     calibration_file: str = Field("", description="Read-out written by `main.py calibrate` ('' = none).")
     calibrated_oos_gate: float = Field(0.7, ge=0, le=1, description="'none' share that overrides the read-out.")
     utility_expert: str = Field(

@@ -30,6 +30,7 @@ generic_router ("keyword"), then the fallback expert (id 0).
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -200,13 +201,6 @@ def is_follow_up(text: str) -> bool:
     )
 
 
-# A new turn the last message alone routes with at least this probability to another expert
-# than the conversation's is "confidently about something else" and switches; below it, a
-# follow-up keeps the conversation's expert. Chosen among 0.4/0.6/0.8/0.9 on MT-Bench-X
-# follow-ups and CLINC150 topic switches (bench/routing_lodo.py): 0.6 kept more follow-ups and
-# more switches than the previous rule on both; the follow-up figures are therefore not
-# independent of it.
-SWITCH_CONFIDENCE = 0.6
 
 
 def unrelated_pair_cosine(background: np.ndarray) -> float:
@@ -240,13 +234,27 @@ class EmbeddingSettings:
     oos_score: float = 2.0
     # Softmax temperature over standardised scores (softmax_temperature keeps its reference
     # meaning, raw-score units, for scoring "reference").
-    standardized_temperature: float = 0.5
+    standardized_temperature: float = 0.25
     # JSON file (inside the project) with a read-out learned by `calibrate`; "" = none.
     calibration_file: str = ""
     # With a calibration: when the standardised scoring gives "none" at least this share, the
     # query goes down the chain whatever the read-out says. The read-out only learned the kind
     # of off-topic text its labelled rows had; long jailbreak prompts look like none of it.
     calibrated_oos_gate: float = 0.7
+    # Share of the mean score over all experts taken off each expert's score (queries and
+    # background alike) before standardising. A Spanish or a long question is less similar to
+    # every keyword than a short English one; measured against the other experts, its best
+    # expert stands out as much as in English.
+    expert_centering: float = 0.5
+    # "sentences": a description is scored by its closest sentence, so a description that says
+    # the same in English and Spanish is matched in either language as well as a one-language
+    # one; "whole": as one text (the reference).
+    description_scoring: Literal["whole", "sentences"] = "sentences"
+    # A new turn that the last message alone routes with at least this probability to another
+    # expert than the conversation's is "confidently about something else" and switches; below
+    # it, a follow-up keeps the conversation's expert (bench/routing_lodo.py measures it on
+    # follow-ups it was not chosen on).
+    switch_confidence: float = 0.9
 
 
 def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
@@ -257,6 +265,9 @@ def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
         standardized_temperature=config.standardized_temperature,
         calibration_file=config.calibration_file,
         calibrated_oos_gate=config.calibrated_oos_gate,
+        expert_centering=config.expert_centering,
+        description_scoring=config.description_scoring,
+        switch_confidence=config.switch_confidence,
     )
 
 
@@ -271,7 +282,10 @@ class ExpertAnchors:
     # (E x max_keywords) row indices into keyword_vectors, padded with -1.
     keyword_slots: np.ndarray
     centroids: np.ndarray
+    # One row per description part (see description_parts), expert after expert, and where
+    # each expert's rows start.
     description_vectors: np.ndarray
+    description_starts: np.ndarray
     # Identifies the texts and encoder the vectors came from (a calibration must match it).
     fingerprint: str
 
@@ -285,8 +299,19 @@ def routed_experts(experts: Sequence[ExpertConfig]) -> list[ExpertConfig]:
     ]
 
 
+def description_parts(description: str, split: bool) -> list[str]:
+    """The texts an expert's description is scored by: the whole, or each sentence of it."""
+    if not split:
+        return [description]
+    parts = [p.strip() for p in re.split(r"(?<=[.!?])\s+", description) if p.strip()]
+    return parts or [description]
+
+
 def build_anchors(
-    experts: Sequence[ExpertConfig], encoder: Encoder, cache_dir: Path | None
+    experts: Sequence[ExpertConfig],
+    encoder: Encoder,
+    cache_dir: Path | None,
+    split_descriptions: bool = False,
 ) -> ExpertAnchors:
     """Encode every keyword and description once (or read them from the cache)."""
     ranked = routed_experts(experts)
@@ -298,7 +323,11 @@ def build_anchors(
         dtype=np.int64,
     )
     # An expert without a description is described by its keywords.
-    descriptions = [e.description.strip() or ", ".join(e.keywords) for e in ranked]
+    parts_of = [
+        description_parts(e.description.strip() or ", ".join(e.keywords), split_descriptions)
+        for e in ranked
+    ]
+    descriptions = [part for parts in parts_of for part in parts]
     vectors = cached_vectors(encoder, keywords + descriptions, cache_dir)
     keyword_vectors, description_vectors = (
         vectors[: len(keywords)],
@@ -325,6 +354,7 @@ def build_anchors(
         keyword_slots=slots,
         centroids=centroids.astype(np.float32),
         description_vectors=description_vectors,
+        description_starts=np.cumsum([0] + [len(p) for p in parts_of[:-1]]).astype(np.int64),
         fingerprint=digest.hexdigest()[:32],
     )
 
@@ -343,9 +373,12 @@ def hybrid_signals(
     # three; with fewer keywords the vote is the share of those that pass.
     top3 = np.sort(np.where(valid, per_slot, -np.inf), axis=2)[:, :, -3:]
     votes = (top3 > TOP3_VOTE_COSINE).sum(axis=2) / np.minimum(counts, 3)
+    description = np.maximum.reduceat(
+        query_vectors @ anchors.description_vectors.T, anchors.description_starts, axis=1
+    )
     return {
         "max_keyword": max_keyword,
-        "description": query_vectors @ anchors.description_vectors.T,
+        "description": description,
         "mean_keyword": mean_keyword,
         "top3_vote": votes.astype(np.float32),
     }
@@ -382,8 +415,20 @@ def standardized_probabilities(
     return softmax(logits)
 
 
+def center_scores(raw: np.ndarray, share: float) -> np.ndarray:
+    """Each row's scores less `share` of that row's mean over the experts (see expert_centering).
+
+    With one expert there is nothing to measure it against: its scores stay as they are."""
+    if raw.shape[1] < 2 or not share:
+        return raw
+    return raw - share * raw.mean(axis=1, keepdims=True)
+
+
 def background_stats(raw_background: np.ndarray) -> tuple[float, float]:
-    """Mean and spread of the scores unrelated text gets, pooled over all experts."""
+    """Mean and spread of the scores unrelated text gets, pooled over all experts.
+
+    (Each expert measured against its own background scores was tried: worse on every public
+    set, bench/routing_lodo.py.)"""
     return float(raw_background.mean()), max(float(raw_background.std()), 1e-6)
 
 
@@ -442,13 +487,19 @@ class EmbeddingRouter:
         self._config = config
         self._settings = settings or settings_from_router_config(config)
         self._encoder = encoder
-        self.anchors = build_anchors(experts, encoder, cache_dir)
+        self.anchors = build_anchors(
+            experts,
+            encoder,
+            cache_dir,
+            # The reference scores a description as one text.
+            self._settings.scoring != "reference" and self._settings.description_scoring == "sentences",
+        )
         self._weights = config.scoring_weights.model_dump()
         background = cached_vectors(
             encoder, list(BACKGROUND_TEXTS), cache_dir, kind="query"
         )
         self._background = background_stats(
-            hybrid_scores(hybrid_signals(self.anchors, background), self._weights)
+            self._centered(hybrid_scores(hybrid_signals(self.anchors, background), self._weights)),
         )
         self._topic_cosine = unrelated_pair_cosine(background)
         self._keywords = KeywordRouter(experts, config)
@@ -458,6 +509,9 @@ class EmbeddingRouter:
             if not path.is_absolute():
                 path = (project_dir or Path.cwd()) / path
             self.readout = load_readout(path, self.anchors)
+
+    def _centered(self, raw: np.ndarray) -> np.ndarray:
+        return center_scores(raw, self._settings.expert_centering)
 
     @property
     def settings(self) -> EmbeddingSettings:
@@ -472,7 +526,7 @@ class EmbeddingRouter:
         if self._settings.scoring == "reference":
             return reference_probabilities(raw, self._config.softmax_temperature)
         return standardized_probabilities(
-            raw,
+            self._centered(raw),
             self._background,
             self._settings.oos_score,
             self._settings.standardized_temperature,
@@ -506,7 +560,7 @@ class EmbeddingRouter:
         earlier = [t for t in user_texts[:-1] if t.strip()]
         if not earlier:
             return decision or self._keywords_or_fallback(user_texts, step, None)
-        if decision is not None and decision.score >= SWITCH_CONFIDENCE:
+        if decision is not None and decision.score >= self._settings.switch_confidence:
             # Confidently about one expert: whatever came before, this turn switches to it
             # (or stays), so the earlier turns need no encoder pass.
             return decision
@@ -532,7 +586,7 @@ class EmbeddingRouter:
             earlier, context_step, context
         )
         if decision is not None and (
-            decision.label == conversation.label or decision.score >= SWITCH_CONFIDENCE
+            decision.label == conversation.label or decision.score >= self._settings.switch_confidence
         ):
             return decision
         continues = (

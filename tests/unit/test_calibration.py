@@ -83,8 +83,19 @@ def test_fit_residual_learns_what_the_offsets_get_wrong() -> None:
     features = centers[targets] + rng.normal(0, 0.5, (90, 2))
     # A prior that is sure of the wrong class for every row.
     offsets = np.log(np.full((90, 3), 0.05) + 0.85 * np.eye(3)[(targets + 1) % 3])
-    weights, bias = fit_residual(features, offsets, targets, l2=1e-3, none_column=2, steps=800)
-    assert ((offsets + features @ weights + bias).argmax(axis=1) == targets).mean() > 0.95
+    weights, bias, scale = fit_residual(features, offsets, targets, l2=1e-3, none_column=2, steps=800)
+    assert ((scale * offsets + features @ weights + bias).argmax(axis=1) == targets).mean() > 0.95
+    # A prior that is always wrong is trusted less than as it came.
+    assert 0 <= scale < 1
+
+
+def test_fit_residual_keeps_a_right_prior_at_full_strength_or_more() -> None:
+    rng = np.random.default_rng(2)
+    targets = np.repeat([0, 1, 2], 30)
+    features = rng.normal(0, 0.5, (90, 2))  # nothing to learn from the vectors
+    offsets = np.log(np.full((90, 3), 0.1) + 0.7 * np.eye(3)[targets])
+    _, _, scale = fit_residual(features, offsets, targets, l2=1e-3, none_column=2, steps=800)
+    assert scale >= 1
 
 
 def test_a_readout_with_no_learned_weight_is_the_prior() -> None:

@@ -15,6 +15,9 @@ from modules.embedding_router import (
     EmbeddingRouter,
     EmbeddingSettings,
     ExpertAnchors,
+    build_anchors,
+    center_scores,
+    description_parts,
     hybrid_scores,
     hybrid_signals,
     is_follow_up,
@@ -150,6 +153,7 @@ def _toy_anchors() -> ExpertAnchors:
         keyword_slots=np.array([[0, 1, 2], [3, -1, -1]]),
         centroids=np.eye(3, dtype=np.float32)[:2],
         description_vectors=np.array([[1.0, 0, 0], [0, 0, 1.0]], dtype=np.float32),
+        description_starts=np.array([0, 1]),
         fingerprint="toy",
     )
 
@@ -219,6 +223,57 @@ def test_none_wins_when_no_expert_stands_out() -> None:
         np.array([[0.5, 0.2, -0.1]]), (0.0, 1.0), 2.0, 0.5
     )
     assert probs[0].argmax() == 3
+
+
+@pytest.mark.parametrize(
+    ("description", "split", "expected"),
+    [
+        ("Writes code. Escribe código.", True, ["Writes code.", "Escribe código."]),
+        ("Writes code. Escribe código.", False, ["Writes code. Escribe código."]),
+        ("Is it safe? Yes! Then go.", True, ["Is it safe?", "Yes!", "Then go."]),
+        ("No full stop here", True, ["No full stop here"]),
+        ("v1.2 of the API", True, ["v1.2 of the API"]),
+    ],
+)
+def test_description_parts(description: str, split: bool, expected: list[str]) -> None:
+    assert description_parts(description, split) == expected
+
+
+class TableEncoder:
+    """Fixed vectors by text, for exact scoring tests."""
+
+    name = "table"
+
+    def __init__(self, table: dict[str, list[float]]) -> None:
+        self._table = {k: np.asarray(v, dtype=np.float32) / np.linalg.norm(v) for k, v in table.items()}
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        return np.stack([self._table[t] for t in texts])
+
+    encode_passages = encode_queries
+
+
+def test_a_two_language_description_is_scored_by_its_closest_sentence() -> None:
+    experts = [_expert(0, "fallback"), _expert(1, "a", "English. Español.", ["k"]), _expert(2, "b", "Other.", ["j"])]
+    encoder = TableEncoder({
+        "English.": [1, 0, 0], "Español.": [0, 1, 0], "English. Español.": [1, 1, 0],
+        "Other.": [0, 0, 1], "k": [1, 1, 1], "j": [0, 0, 1],
+    })
+    spanish_query = np.array([[0.0, 1.0, 0.0]], dtype=np.float32)
+    whole = hybrid_signals(build_anchors(experts, encoder, None, False), spanish_query)["description"]
+    split = hybrid_signals(build_anchors(experts, encoder, None, True), spanish_query)["description"]
+    np.testing.assert_allclose(whole, [[np.sqrt(0.5), 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(split, [[1.0, 0.0]], rtol=1e-6)
+
+
+def test_centering_makes_a_shift_of_every_score_irrelevant() -> None:
+    raw = np.array([[0.5, 0.2, 0.1]])
+    lowered = raw - 0.15  # a question less similar to every keyword (another language, long)
+    np.testing.assert_allclose(center_scores(lowered, 1.0), center_scores(raw, 1.0))
+    assert not np.allclose(center_scores(lowered, 0.0), center_scores(raw, 0.0))
+    # Half the share takes off half the shift; one expert has nothing to be measured against.
+    np.testing.assert_allclose(center_scores(lowered, 0.5) - center_scores(raw, 0.5), -0.075)
+    np.testing.assert_allclose(center_scores(np.array([[0.3]]), 1.0), [[0.3]])
 
 
 @pytest.mark.parametrize(
