@@ -73,20 +73,27 @@ def create_app(config: AppConfig | None = None) -> Flask:
 
 def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Services:
     """Router, runner and catalog for `config`, around `pool` (a new one when None)."""
+    from modules.embedding_runner import build_embedding_runner
     from modules.expert_runner import build_runner
-    from modules.model_catalog import ModelCatalog
+    from modules.model_catalog import LocalEncoderListing, ModelCatalog
     from modules.decision_cache import DecisionCache
     from modules.router_factory import build_router
 
     if pool is None:
         pool = ModelPool(config.local_models.max_loaded_models, config.local_models.model_ttl_seconds)
         pool.start_reaper(interval=min(30.0, max(1.0, config.local_models.model_ttl_seconds / 4)))
+    embeddings = build_embedding_runner(config, pool)
+    local = None
+    if embeddings.local_label is not None and embeddings.local_dimensions is not None:
+        local = LocalEncoderListing(embeddings.local_label, embeddings.local_dimensions,
+                                    config.embeddings.max_input_chars)
     return views.Services(
         config=config,
         router=DecisionCache(build_router(config), config.router.decision_cache_size),
         runner=build_runner(config, pool),
-        catalog=ModelCatalog(config),
+        catalog=ModelCatalog(config, local),
         pool=pool,
+        embeddings=embeddings,
     )
 
 
@@ -109,11 +116,14 @@ def register_routes(app: Flask) -> None:
     add("/api/ps", "ollama_ps", views.ollama_ps, methods=["GET"])
     add("/api/chat", "ollama_chat", views.ollama_chat, methods=["POST"])
     add("/api/generate", "ollama_generate", views.ollama_generate, methods=["POST"])
+    add("/api/embed", "ollama_embed", views.ollama_embed, methods=["POST"])
+    add("/api/embeddings", "ollama_embeddings", views.ollama_embeddings, methods=["POST"])
     # OpenAI API
     add("/v1/models", "openai_models", views.openai_models, methods=["GET"])
     add("/v1/models/<path:model_id>", "openai_model", views.openai_model, methods=["GET"])
     add("/v1/chat/completions", "openai_chat_completions", views.openai_chat_completions, methods=["POST"])
     add("/v1/completions", "openai_completions", views.openai_completions, methods=["POST"])
+    add("/v1/embeddings", "openai_embeddings", views.openai_embeddings, methods=["POST"])
     # LeMoE
     add("/v1/route", "lemoe_route", views.lemoe_route, methods=["POST"])
     # Operations: probes (free of the rate limit and API keys), metrics, the tuning page

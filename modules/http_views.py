@@ -14,13 +14,16 @@ from typing import Any
 
 from flask import Response, current_app, request
 
+from modules import embedding_protocol as embedding
 from modules import metrics
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
 from modules.capabilities import request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
-from modules.errors import InvalidRequest, UnknownModel
+from modules.embedding_runner import EmbeddingRunner
+from modules.embeddings import EmbedRequest, EmbedResult
+from modules.errors import InvalidRequest, MissingCapability, UnknownModel
 from modules.expert_runner import ExpertRunner
 from modules.logger import get_logger, sanitize
 from modules.model_catalog import ModelCatalog
@@ -47,9 +50,11 @@ class Services:
     runner: ExpertRunner
     catalog: ModelCatalog
     pool: ModelPool
+    embeddings: EmbeddingRunner
 
     def close(self) -> None:
         self.runner.close()
+        self.embeddings.close()
         self.pool.close()
 
 
@@ -108,6 +113,9 @@ def answer_chat(req: ChatRequest, *, stream_format: Formatter, body_format: Form
 
 def decide_route(svc: Services, req: ChatRequest, *, dry_run: bool = False) -> RouteDecision:
     choice = svc.catalog.choose(req.model)
+    if choice.embedding_only:
+        # Ollama's words for an embedding model asked to chat (server/routes.go).
+        raise MissingCapability(f'"{req.model}" does not support {"generate" if req.kind == "completion" else "chat"}')
     needs = request_needs(req)
     started = time.perf_counter()
     heard = read_route_input(req, utility_expert=svc.config.router.utility_expert,
@@ -164,6 +172,17 @@ def answer_load_probe(req: ChatRequest, kind: str) -> Response:
         # ExpertRunner has no public accessor for an expert's backend yet.
         apply_load_probe(svc.runner.backend_for(expert), req.keep_alive)
     return json_response(ollama.ollama_load_response(req.model or "", kind, unload=req.keep_alive == 0))
+
+
+def answer_embeddings(req: EmbedRequest) -> tuple[EmbedResult, dict[str, str]]:
+    """Vectors for `req` from the model it names (or the default one), and the response headers."""
+    svc = services()
+    started = time.perf_counter()
+    target = svc.embeddings.choose(req.model)
+    answered_by, result, cause = svc.embeddings.embed(target, req)
+    log.info("embed model=%s expert=%s inputs=%d in %.1fms%s", sanitize(req.model or "", 64), answered_by,
+             req.count, (time.perf_counter() - started) * 1000, " (fallback)" if cause else "")
+    return result, {"X-LeMoE-Expert": answered_by}
 
 
 # --- Ollama API --------------------------------------------------------------------------------
@@ -251,6 +270,18 @@ def ollama_generate() -> Response:
     )
 
 
+def ollama_embed() -> Response:
+    req = embedding.embed_request_from_ollama(read_json_body())
+    result, headers = answer_embeddings(req)
+    return json_response(embedding.ollama_embed_response(result, model=req.model or ""), headers=headers)
+
+
+def ollama_embeddings() -> Response:
+    req = embedding.embeddings_request_from_ollama(read_json_body())
+    result, headers = answer_embeddings(req)
+    return json_response(embedding.ollama_embeddings_response(result), headers=headers)
+
+
 # --- OpenAI API --------------------------------------------------------------------------------
 
 def openai_models() -> Response:
@@ -288,6 +319,17 @@ def openai_completions() -> Response:
             events, model=model, completion_id=cid, created=created),
         mimetype="text/event-stream",
     )
+
+
+def openai_embeddings() -> Response:
+    req, encoding_format = embedding.embed_request_from_openai(read_json_body())
+    result, headers = answer_embeddings(req)
+    return json_response(embedding.openai_embedding_list(result, model=_response_model_name(req.model),
+                                                         encoding_format=encoding_format), headers=headers)
+
+
+def _response_model_name(model: str | None) -> str:
+    return model or "lemoe"
 
 
 # --- LeMoE's own -------------------------------------------------------------------------------

@@ -696,15 +696,18 @@ def ollama_show(card: ModelCard) -> dict[str, Any]:
     context window from a `*context_length` key of `model_info` (which ollama-python requires).
     """
     template = _template_from_capabilities(card.capabilities)
+    model_info: dict[str, Any] = {
+        "general.architecture": card.family,
+        f"{card.family}.context_length": card.context_length,
+    }
+    if card.embedding_length is not None:
+        model_info[f"{card.family}.embedding_length"] = card.embedding_length
     return {
         "modelfile": _modelfile_from_card(card, template),
         "parameters": f"{'num_ctx':<{_PARAMETER_NAME_WIDTH}} {card.context_length}",
         "template": template,
         "details": _details_from_card(card),
-        "model_info": {
-            "general.architecture": card.family,
-            f"{card.family}.context_length": card.context_length,
-        },
+        "model_info": model_info,
         "capabilities": list(card.capabilities),
         "modified_at": _rfc3339_from_epoch(card.modified_at),
     }

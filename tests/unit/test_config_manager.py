@@ -134,10 +134,10 @@ def test_every_config_field_is_documented_in_the_readme() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Configuration"): readme.index("## Routing")]
-    from modules.config_manager import AuthConfig, CorsConfig, RateLimitConfig
+    from modules.config_manager import AuthConfig, CorsConfig, EmbeddingsConfig, RateLimitConfig
 
     for model in (ServerConfig, RouterConfig, ScoringWeights, LocalModelsConfig, ExpertsFile, ExpertConfig,
-                  RateLimitConfig, AuthConfig, CorsConfig):
+                  RateLimitConfig, AuthConfig, CorsConfig, EmbeddingsConfig):
         for name in model.model_fields:
             assert f"`{name}`" in section or f"`experts[].{name}`" in section, f"{model.__name__}.{name}"
 
