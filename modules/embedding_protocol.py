@@ -22,7 +22,7 @@ import numpy as np
 
 from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import ExpertStreamBroken, InvalidRequest
-from modules.ollama_protocol import keep_alive_seconds
+from modules.ollama_protocol import keep_alive_seconds, model_from_body, require_object
 
 # Little-endian float32, what `encoding_format: "base64"` carries and openai-python decodes.
 _FLOAT32_LE = np.dtype("<f4")
@@ -36,7 +36,7 @@ _ENCODING_FORMATS = ("float", "base64")
 
 def embed_request_from_ollama(body: object) -> EmbedRequest:
     """A `/api/embed` body: `input` is a string or a list of strings; none (or "") embeds nothing."""
-    fields = _require_object(body)
+    fields = require_object(body)
     raw = fields.get("input")
     if raw is None:
         texts: list[str] = []
@@ -51,7 +51,7 @@ def embed_request_from_ollama(body: object) -> EmbedRequest:
     if truncate is not None and not isinstance(truncate, bool):
         raise InvalidRequest("truncate must be a boolean")
     return EmbedRequest(
-        model=_ollama_model(fields),
+        model=model_from_body(fields),
         texts=texts,
         truncate=truncate is not False,
         dimensions=_dimensions(fields.get("dimensions"), "dimensions must be a positive integer"),
@@ -62,12 +62,12 @@ def embed_request_from_ollama(body: object) -> EmbedRequest:
 
 def embeddings_request_from_ollama(body: object) -> EmbedRequest:
     """A legacy `/api/embeddings` body: one `prompt`; an empty one embeds nothing."""
-    fields = _require_object(body)
+    fields = require_object(body)
     prompt = fields.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise InvalidRequest("prompt must be a string")
     return EmbedRequest(
-        model=_ollama_model(fields),
+        model=model_from_body(fields),
         texts=[prompt] if prompt else [],
         keep_alive=keep_alive_seconds(fields.get("keep_alive")),
         options=_ollama_options(fields),
@@ -87,19 +87,6 @@ def ollama_embed_response(result: EmbedResult, *, model: str) -> dict[str, Any]:
 def ollama_embeddings_response(result: EmbedResult) -> dict[str, Any]:
     # ollama-python requires `embedding`; Ollama answers an empty prompt with an empty one.
     return {"embedding": result.vectors[0].tolist() if len(result.vectors) else []}
-
-
-def _require_object(body: object) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return body
-
-
-def _ollama_model(fields: dict[str, Any]) -> str:
-    model = fields.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidRequest("model is required")
-    return model
 
 
 def _ollama_options(fields: dict[str, Any]) -> dict[str, Any]:

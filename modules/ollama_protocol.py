@@ -91,8 +91,8 @@ def chat_request_from_ollama(body: object) -> ChatRequest:
 
     An absent or empty `messages` list is a load/unload probe and comes back with no messages.
     """
-    fields = _require_object(body)
-    model = _model_from_body(fields)
+    fields = require_object(body)
+    model = model_from_body(fields)
     options, lifted = _options_and_lifted_from_body(fields)
     raw_messages = fields.get("messages")
     if raw_messages is None:
@@ -124,8 +124,8 @@ def generate_request_from_ollama(body: object) -> ChatRequest:
     The system text and the prompt also become messages, so routers and chat-only backends can
     use them; `prompt`, `suffix` and `raw` stay on the request for completion backends.
     """
-    fields = _require_object(body)
-    model = _model_from_body(fields)
+    fields = require_object(body)
+    model = model_from_body(fields)
     options, lifted = _options_and_lifted_from_body(fields)
     prompt = _optional_str(fields.get("prompt"), "prompt") or ""
     suffix = _optional_str(fields.get("suffix"), "suffix")
@@ -195,13 +195,13 @@ def keep_alive_seconds(value: object) -> float | None:
     return -seconds if match.group(1) == "-" else seconds
 
 
-def _require_object(body: object) -> dict[str, Any]:
+def require_object(body: object) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
 
 
-def _model_from_body(fields: dict[str, Any]) -> str:
+def model_from_body(fields: dict[str, Any]) -> str:
     model = fields.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("model is required")
