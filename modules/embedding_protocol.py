@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 import numpy as np
@@ -74,19 +75,17 @@ def embeddings_request_from_ollama(body: object) -> EmbedRequest:
     )
 
 
-def ollama_embed_response(result: EmbedResult, *, model: str) -> dict[str, Any]:
-    return {
-        "model": model,
-        "embeddings": result.vectors.tolist(),
-        "total_duration": result.total_duration_ns,
-        "load_duration": result.load_duration_ns,
-        "prompt_eval_count": result.prompt_tokens,
-    }
+def ollama_embed_json(result: EmbedResult, *, model: str) -> str:
+    """The `/api/embed` answer as JSON text (vectors written by `_float32_rows`)."""
+    return (f'{{"model":{_json(model)},"embeddings":{_float32_rows(result.vectors)},'
+            f'"total_duration":{result.total_duration_ns},"load_duration":{result.load_duration_ns},'
+            f'"prompt_eval_count":{result.prompt_tokens}}}')
 
 
-def ollama_embeddings_response(result: EmbedResult) -> dict[str, Any]:
+def ollama_embeddings_json(result: EmbedResult) -> str:
     # ollama-python requires `embedding`; Ollama answers an empty prompt with an empty one.
-    return {"embedding": result.vectors[0].tolist() if len(result.vectors) else []}
+    row = _float32_rows(result.vectors[:1])[1:-1] if len(result.vectors) else "[]"
+    return f'{{"embedding":{row}}}'
 
 
 def _ollama_options(fields: dict[str, Any]) -> dict[str, Any]:
@@ -151,21 +150,35 @@ def _is_token(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def openai_embedding_list(result: EmbedResult, *, model: str, encoding_format: str) -> dict[str, Any]:
+def openai_embedding_list_json(result: EmbedResult, *, model: str, encoding_format: str) -> str:
+    """The `/v1/embeddings` answer as JSON text: rows as float arrays or base64 strings."""
     if encoding_format == "base64":
-        rows: list[Any] = [base64_from_vector(row) for row in result.vectors]
+        rows = [f'"{base64_from_vector(row)}"' for row in result.vectors]
     else:
-        rows = result.vectors.tolist()
-    return {
-        "object": "list",
-        "data": [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)],
-        "model": model,
-        "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
-    }
+        rows = [_float32_row(row) for row in result.vectors.tolist()]
+    data = ",".join(f'{{"object":"embedding","index":{i},"embedding":{row}}}' for i, row in enumerate(rows))
+    tokens = result.prompt_tokens
+    return (f'{{"object":"list","data":[{data}],"model":{_json(model)},'
+            f'"usage":{{"prompt_tokens":{tokens},"total_tokens":{tokens}}}}}')
 
 
 def base64_from_vector(vector: np.ndarray) -> str:
     return base64.b64encode(np.asarray(vector, dtype=_FLOAT32_LE).tobytes()).decode("ascii")
+
+
+def _float32_rows(vectors: np.ndarray) -> str:
+    return "[" + ",".join(_float32_row(row) for row in vectors.tolist()) + "]"
+
+
+def _float32_row(row: list[float]) -> str:
+    # Nine significant digits give back exactly the float32 each value is (what Ollama's Go
+    # encoder writes); Python's own float repr spends 17 on the float64 it widened to: a third
+    # more bytes, and twice the time to write them (0.24 ms against 0.12 ms for 512 dimensions).
+    return "[" + ",".join(f"{x:.9g}" for x in row) + "]"
+
+
+def _json(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,7 +63,11 @@ def services() -> Services:
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return json_text_response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status, headers)
+
+
+def json_text_response(text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A body the protocol layer already wrote as JSON text."""
     return Response(text, status=status, content_type=_JSON, headers=headers)
 
 
@@ -273,13 +277,13 @@ def ollama_generate() -> Response:
 def ollama_embed() -> Response:
     req = embedding.embed_request_from_ollama(read_json_body())
     result, headers = answer_embeddings(req)
-    return json_response(embedding.ollama_embed_response(result, model=req.model or ""), headers=headers)
+    return json_text_response(embedding.ollama_embed_json(result, model=req.model or ""), headers=headers)
 
 
 def ollama_embeddings() -> Response:
     req = embedding.embeddings_request_from_ollama(read_json_body())
     result, headers = answer_embeddings(req)
-    return json_response(embedding.ollama_embeddings_response(result), headers=headers)
+    return json_text_response(embedding.ollama_embeddings_json(result), headers=headers)
 
 
 # --- OpenAI API --------------------------------------------------------------------------------
@@ -324,8 +328,8 @@ def openai_completions() -> Response:
 def openai_embeddings() -> Response:
     req, encoding_format = embedding.embed_request_from_openai(read_json_body())
     result, headers = answer_embeddings(req)
-    return json_response(embedding.openai_embedding_list(result, model=_response_model_name(req.model),
-                                                         encoding_format=encoding_format), headers=headers)
+    return json_text_response(embedding.openai_embedding_list_json(
+        result, model=_response_model_name(req.model), encoding_format=encoding_format), headers=headers)
 
 
 def _response_model_name(model: str | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,10 @@ from modules.embedding_protocol import (
     embed_result_from_openai,
     embeddings_request_from_ollama,
     ollama_embed_body_from_request,
-    ollama_embed_response,
-    ollama_embeddings_response,
+    ollama_embed_json,
+    ollama_embeddings_json,
     openai_embed_body_from_request,
-    openai_embedding_list,
+    openai_embedding_list_json,
 )
 from modules.embeddings import EmbedRequest, EmbedResult, fit_dimensions
 from modules.errors import ExpertStreamBroken, InvalidRequest
@@ -62,15 +63,24 @@ def test_legacy_prompt_and_answer() -> None:
     assert embeddings_request_from_ollama({"model": "m", "prompt": ""}).texts == []
     with pytest.raises(InvalidRequest, match="prompt must be a string"):
         embeddings_request_from_ollama({"model": "m", "prompt": ["hi"]})
-    assert ollama_embeddings_response(EmbedResult(VECTORS[:1])) == {"embedding": pytest.approx([0.6, 0.8, 0.0])}
-    assert ollama_embeddings_response(EmbedResult(np.zeros((0, 0), dtype=np.float32))) == {"embedding": []}
+    assert json.loads(ollama_embeddings_json(EmbedResult(VECTORS[:1]))) == {"embedding": pytest.approx([0.6, 0.8, 0.0])}
+    assert json.loads(ollama_embeddings_json(EmbedResult(np.zeros((0, 0), dtype=np.float32)))) == {"embedding": []}
 
 
 def test_ollama_embed_answer_shape() -> None:
-    body = ollama_embed_response(EmbedResult(VECTORS, prompt_tokens=7, total_duration_ns=5, load_duration_ns=1),
-                                 model="lemoe")
+    body = json.loads(ollama_embed_json(
+        EmbedResult(VECTORS, prompt_tokens=7, total_duration_ns=5, load_duration_ns=1), model='le"moe'))
     assert list(body) == ["model", "embeddings", "total_duration", "load_duration", "prompt_eval_count"]
-    assert body["embeddings"][1] == [0.0, 0.0, 1.0] and body["prompt_eval_count"] == 7
+    assert body["model"] == 'le"moe' and body["embeddings"][1] == [0.0, 0.0, 1.0] and body["prompt_eval_count"] == 7
+
+
+def test_floats_are_written_as_the_exact_float32_values() -> None:
+    rows = np.random.default_rng(7).standard_normal((3, 512)).astype(np.float32) * 1e-3
+    text = ollama_embed_json(EmbedResult(rows), model="m")
+    assert np.array_equal(np.array(json.loads(text)["embeddings"], dtype=np.float32), rows)
+    # At most 9 significant digits a number (sign, point and exponent aside).
+    numbers = text[text.index("[[") + 2: text.index("]]")].replace("],[", ",").split(",")
+    assert max(len(number) for number in numbers) <= 15
 
 
 @pytest.mark.parametrize(("raw", "texts", "tokens"), [
@@ -103,11 +113,12 @@ def test_bad_openai_bodies(body: dict[str, Any], message: str) -> None:
 
 def test_openai_answer_in_float_and_little_endian_base64() -> None:
     result = EmbedResult(VECTORS, prompt_tokens=3)
-    floats = openai_embedding_list(result, model="lemoe", encoding_format="float")
+    floats = json.loads(openai_embedding_list_json(result, model="lemoe", encoding_format="float"))
+    assert list(floats) == ["object", "data", "model", "usage"] and floats["data"][1]["embedding"] == [0, 0, 1]
     assert floats["object"] == "list" and floats["model"] == "lemoe"
     assert floats["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
     assert [d["index"] for d in floats["data"]] == [0, 1] and floats["data"][0]["object"] == "embedding"
-    b64 = openai_embedding_list(result, model="lemoe", encoding_format="base64")["data"][0]["embedding"]
+    b64 = json.loads(openai_embedding_list_json(result, model="lemoe", encoding_format="base64"))["data"][0]["embedding"]
     assert base64.b64decode(b64) == np.array([0.6, 0.8, 0.0], dtype="<f4").tobytes()
 
 
