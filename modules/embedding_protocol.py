@@ -24,6 +24,8 @@ import numpy as np
 from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import ExpertStreamBroken, InvalidRequest
 from modules.ollama_protocol import keep_alive_seconds, model_from_body, require_object
+from modules.openai_protocol import invalid_type
+from modules.openai_protocol import require_object as openai_require_object
 
 # Little-endian float32, what `encoding_format: "base64"` carries and openai-python decodes.
 _FLOAT32_LE = np.dtype("<f4")
@@ -117,8 +119,7 @@ def embed_request_from_openai(body: object) -> tuple[EmbedRequest, str]:
     `input` is a string, a list of strings, a token array or a list of token arrays; an empty
     list (or none) is refused, as Ollama's OpenAI layer does.
     """
-    if not isinstance(body, dict):
-        raise InvalidRequest("Invalid type for 'body': expected an object.")
+    body = openai_require_object(body, "body")
     encoding = body.get("encoding_format")
     if encoding is None:
         encoding = "float"
@@ -126,7 +127,7 @@ def embed_request_from_openai(body: object) -> tuple[EmbedRequest, str]:
         raise InvalidRequest(f"Invalid value for 'encoding_format' = {encoding}. Supported values: ['float', 'base64'].")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise InvalidRequest("Invalid type for 'model': expected a string.")
+        raise invalid_type("model", "a string", model)
     texts, tokens = _openai_input(body.get("input"))
     dimensions = _dimensions(body.get("dimensions"), "Invalid value for 'dimensions': expected a positive integer.")
     return EmbedRequest(model=model or None, texts=texts, tokens=tokens, dimensions=dimensions), encoding.lower()
