@@ -29,13 +29,12 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from modules import health, metrics, web_ui
 from modules import http_views as views
 from modules.api_keys import init_api_keys
-from modules.body_limit import init_body_limit
+from modules.body_limit import IMAGE_LIMIT_KEY, image_body_limit, init_body_limit, init_image_body_limit, too_large
 from modules.client_timeouts import init_client_timeouts
 from modules.config_manager import AppConfig, config_from_environment
 from modules.cors import init_cors
 from modules.decision_cache import router_name
 from modules.errors import (
-    BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -47,6 +46,8 @@ from modules.model_pool import ModelPool
 from modules.rate_limit import init_rate_limit
 
 log = get_logger("server")
+# The routes whose requests may carry images, so their bodies may be up to server.max_image_body_bytes.
+IMAGE_ENDPOINTS = ("ollama_chat", "ollama_generate", "openai_chat_completions")
 
 
 def create_app(config: AppConfig | None = None) -> Flask:
@@ -55,6 +56,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     # No static folder: every URL is in the route table below, nothing is served from disk.
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    app.config[IMAGE_LIMIT_KEY] = image_body_limit(config.server.max_body_bytes, config.server.max_image_body_bytes)
     app.extensions["lemoe"] = build_services(config)
     register_routes(app)
     register_error_handlers(app)
@@ -63,6 +65,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     init_cors(app, config.cors, _error_response)
     init_rate_limit(app, config.rate_limit, _error_response)
     init_api_keys(app, config.auth, config.project_dir, _error_response)
+    init_image_body_limit(app, IMAGE_ENDPOINTS)
     init_client_timeouts(app, config.server.client_timeout, _error_response)
     init_body_limit(app, _error_response)
     metrics.init_metrics(app)
@@ -162,8 +165,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
         if isinstance(exc, RequestEntityTooLarge):
-            limit = app.config["MAX_CONTENT_LENGTH"]
-            return _error_response(BodyTooLarge(f"request body is larger than {limit} bytes"))
+            return _error_response(too_large(request.max_content_length or app.config["MAX_CONTENT_LENGTH"]))
         if exc.code == 404:
             return _error_response(NotFound(f"{request.method} {request.path} not found"))
         if exc.code == 405:

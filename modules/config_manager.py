@@ -48,6 +48,8 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
     threads: int = Field(256, ge=1, le=1024, description="Requests one worker serves at once (one per open stream).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    max_image_body_bytes: int = Field(
+        10_485_760, ge=1024, description="Largest body of a request that carries images (chat and generate routes).")
     # gunicorn's own limits on the request head (its defaults; its maxima as upper bounds).
     max_request_line_bytes: int = Field(4094, ge=256, le=8190, description="Longest request line (414 past it).")
     max_header_fields: int = Field(100, ge=16, le=32768, description="Most request header fields (431 past it).")

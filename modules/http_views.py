@@ -16,6 +16,7 @@ from flask import Response, current_app, request
 
 from modules import embedding_protocol as embedding
 from modules import metrics
+from modules.body_limit import check_text_body
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
 from modules.capabilities import request_needs, require_capable, route_capable
@@ -71,8 +72,12 @@ def json_text_response(text: str, status: int = 200, headers: dict[str, str] | N
     return Response(text, status=status, content_type=_JSON, headers=headers)
 
 
-def read_json_body() -> Any:
-    """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type)."""
+def read_json_body(carries_images: Callable[[Any], bool] | None = None) -> Any:
+    """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
+
+    On a route that takes images (`carries_images` tells whether a parsed body has any), a body
+    over the text limit is refused unless it does (modules/body_limit.py).
+    """
     data = request.get_data(cache=False)
     if not data:
         raise InvalidRequest("missing request body")
@@ -81,11 +86,14 @@ def read_json_body() -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("request body is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        body = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:
         raise InvalidRequest("invalid JSON: nested too deeply") from None
+    if carries_images is not None:
+        check_text_body(len(data), carries_images(body))
+    return body
 
 
 def _refuse_constant(name: str) -> Any:
@@ -249,7 +257,7 @@ def _cards_for_pool_key(svc: Services, key: str) -> list[Any]:
 
 
 def ollama_chat() -> Response:
-    req = ollama.chat_request_from_ollama(read_json_body())
+    req = ollama.chat_request_from_ollama(read_json_body(ollama.body_has_images))
     if ollama.is_load_probe(req):
         return answer_load_probe(req, "chat")
     model = _response_model(req)
@@ -262,7 +270,7 @@ def ollama_chat() -> Response:
 
 
 def ollama_generate() -> Response:
-    req = ollama.generate_request_from_ollama(read_json_body())
+    req = ollama.generate_request_from_ollama(read_json_body(ollama.body_has_images))
     if ollama.is_load_probe(req):
         return answer_load_probe(req, "generate")
     model = _response_model(req)
@@ -300,7 +308,7 @@ def openai_model(model_id: str) -> Response:
 
 
 def openai_chat_completions() -> Response:
-    req = openai.chat_request_from_openai(read_json_body())
+    req = openai.chat_request_from_openai(read_json_body(openai.body_has_images))
     model, cid, created = _response_model(req), openai.new_completion_id("chatcmpl"), int(time.time())
     return answer_chat(
         req,

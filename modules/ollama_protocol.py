@@ -158,6 +158,17 @@ def generate_request_from_ollama(body: object) -> ChatRequest:
     )
 
 
+def body_has_images(body: object) -> bool:
+    """Whether a parsed /api/chat or /api/generate body carries an image (checked before it is
+    validated, to choose its size limit)."""
+    if not isinstance(body, dict):
+        return False
+    if body.get("images"):
+        return True
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(isinstance(m, dict) and m.get("images") for m in messages)
+
+
 def is_load_probe(request: ChatRequest) -> bool:
     """True for Ollama's "load the model" requests: no messages (chat) or no prompt (generate)."""
     if request.kind == "completion":

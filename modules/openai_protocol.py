@@ -127,6 +127,17 @@ def chat_request_from_openai(body: object) -> ChatRequest:
     )
 
 
+def body_has_images(body: object) -> bool:
+    """Whether a parsed /v1/chat/completions body has an `image_url` content part (checked before
+    it is validated, to choose its size limit)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return False
+    return any(isinstance(part, dict) and part.get("type") == "image_url"
+               for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+               for part in message["content"])
+
+
 def completion_request_from_openai(body: object) -> ChatRequest:
     """Validate a parsed legacy `/v1/completions` body and convert it. Raises `InvalidRequest`."""
     body = require_object(body, "body")

@@ -205,7 +205,8 @@ CASES += [
 # --- huge and deeply nested bodies -----------------------------------------------------------------
 
 CASES += [Case(f"huge-{slug(route)}", "POST", route, b'{"x": "' + b"a" * 1_100_000 + b'"}', 413,
-               "request body is larger than 1048576 bytes") for route in POST_ROUTES]
+               "request body is larger than 1048576 bytes; raise server.max_body_bytes to accept it")
+          for route in POST_ROUTES]
 DEEP = {
     "array": b"[" * 50_000 + b"]" * 50_000,
     "object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
