@@ -22,6 +22,7 @@ from modules.capabilities import (
 )
 from modules.chat_types import ModelCard
 from modules.config_manager import ROUTER_MODEL_NAME, AppConfig, ExpertConfig, resolve_local_model_path
+from modules.encoders import PACKAGED_ENCODER
 
 DEFAULT_TAG = "latest"
 _QUANT_RE = re.compile(r"(I?Q\d+_[A-Z0-9_]+|Q\d+_\d|F16|F32|BF16)", re.IGNORECASE)
@@ -176,8 +177,9 @@ class ModelCatalog:
     def _local_encoder_card(self, local: LocalEncoderListing, modified: float) -> ModelCard:
         return ModelCard(
             name=f"{local.label}:{DEFAULT_TAG}",
-            family="use",
-            format="onnx",
+            # USE for the packaged encoder; a sentence-transformers model is BERT-like.
+            family="use" if self._config.embeddings.local_model == PACKAGED_ENCODER else "bert",
+            format="onnx" if self._config.embeddings.local_model == PACKAGED_ENCODER else "safetensors",
             parameter_size="unknown",
             quantization_level="unknown",
             size=1,
@@ -185,7 +187,7 @@ class ModelCatalog:
             modified_at=modified,
             context_length=math.ceil(local.max_chars / CHARS_PER_TOKEN),
             capabilities=("embedding",),
-            description="The local multilingual sentence encoder (offline).",
+            description="The local sentence encoder (in-process, offline).",
             embedding_length=local.dimensions,
         )
 
