@@ -29,13 +29,12 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from modules import health, metrics, web_ui
 from modules import http_views as views
 from modules.api_keys import init_api_keys
-from modules.body_limit import init_body_limit
+from modules.body_limit import IMAGE_LIMIT_KEY, image_body_limit, init_body_limit, init_image_body_limit, too_large
 from modules.client_timeouts import init_client_timeouts
 from modules.config_manager import AppConfig, config_from_environment
 from modules.cors import init_cors
 from modules.decision_cache import router_name
 from modules.errors import (
-    BodyTooLarge,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
@@ -47,6 +46,8 @@ from modules.model_pool import ModelPool
 from modules.rate_limit import init_rate_limit
 
 log = get_logger("server")
+# The routes whose requests may carry images, so their bodies may be up to server.max_image_body_bytes.
+IMAGE_ENDPOINTS = ("ollama_chat", "ollama_generate", "openai_chat_completions")
 
 
 def create_app(config: AppConfig | None = None) -> Flask:
@@ -55,6 +56,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     # No static folder: every URL is in the route table below, nothing is served from disk.
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+    app.config[IMAGE_LIMIT_KEY] = image_body_limit(config.server.max_body_bytes, config.server.max_image_body_bytes)
     app.extensions["lemoe"] = build_services(config)
     register_routes(app)
     register_error_handlers(app)
@@ -63,6 +65,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     init_cors(app, config.cors, _error_response)
     init_rate_limit(app, config.rate_limit, _error_response)
     init_api_keys(app, config.auth, config.project_dir, _error_response)
+    init_image_body_limit(app, IMAGE_ENDPOINTS)
     init_client_timeouts(app, config.server.client_timeout, _error_response)
     init_body_limit(app, _error_response)
     metrics.init_metrics(app)
@@ -73,20 +76,27 @@ def create_app(config: AppConfig | None = None) -> Flask:
 
 def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Services:
     """Router, runner and catalog for `config`, around `pool` (a new one when None)."""
+    from modules.embedding_runner import build_embedding_runner
     from modules.expert_runner import build_runner
-    from modules.model_catalog import ModelCatalog
+    from modules.model_catalog import LocalEncoderListing, ModelCatalog
     from modules.decision_cache import DecisionCache
     from modules.router_factory import build_router
 
     if pool is None:
         pool = ModelPool(config.local_models.max_loaded_models, config.local_models.model_ttl_seconds)
         pool.start_reaper(interval=min(30.0, max(1.0, config.local_models.model_ttl_seconds / 4)))
+    embeddings = build_embedding_runner(config, pool)
+    local = None
+    if embeddings.local_label is not None and embeddings.local_dimensions is not None:
+        local = LocalEncoderListing(embeddings.local_label, embeddings.local_dimensions,
+                                    config.embeddings.max_input_chars)
     return views.Services(
         config=config,
         router=DecisionCache(build_router(config), config.router.decision_cache_size),
         runner=build_runner(config, pool),
-        catalog=ModelCatalog(config),
+        catalog=ModelCatalog(config, local),
         pool=pool,
+        embeddings=embeddings,
     )
 
 
@@ -109,11 +119,14 @@ def register_routes(app: Flask) -> None:
     add("/api/ps", "ollama_ps", views.ollama_ps, methods=["GET"])
     add("/api/chat", "ollama_chat", views.ollama_chat, methods=["POST"])
     add("/api/generate", "ollama_generate", views.ollama_generate, methods=["POST"])
+    add("/api/embed", "ollama_embed", views.ollama_embed, methods=["POST"])
+    add("/api/embeddings", "ollama_embeddings", views.ollama_embeddings, methods=["POST"])
     # OpenAI API
     add("/v1/models", "openai_models", views.openai_models, methods=["GET"])
     add("/v1/models/<path:model_id>", "openai_model", views.openai_model, methods=["GET"])
     add("/v1/chat/completions", "openai_chat_completions", views.openai_chat_completions, methods=["POST"])
     add("/v1/completions", "openai_completions", views.openai_completions, methods=["POST"])
+    add("/v1/embeddings", "openai_embeddings", views.openai_embeddings, methods=["POST"])
     # LeMoE
     add("/v1/route", "lemoe_route", views.lemoe_route, methods=["POST"])
     # Operations: probes (free of the rate limit and API keys), metrics, the tuning page
@@ -152,8 +165,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:
         if isinstance(exc, RequestEntityTooLarge):
-            limit = app.config["MAX_CONTENT_LENGTH"]
-            return _error_response(BodyTooLarge(f"request body is larger than {limit} bytes"))
+            return _error_response(too_large(request.max_content_length or app.config["MAX_CONTENT_LENGTH"]))
         if exc.code == 404:
             return _error_response(NotFound(f"{request.method} {request.path} not found"))
         if exc.code == 405:

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 
 from modules.backend import Backend
 from modules.chat_types import ChatEvent, ChatRequest
+from modules.embeddings import EmbeddingBackend, EmbedRequest, EmbedResult
 from modules.config_manager import (
     AppConfig,
     ExpertConfig,
@@ -42,6 +43,9 @@ class _Unavailable:
     closed: bool = field(default=False)
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
+        raise ExpertUnavailable(self.reason)
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
         raise ExpertUnavailable(self.reason)
 
     def close(self) -> None:
@@ -126,6 +130,17 @@ def build_backends(config: AppConfig, pool: ModelPool) -> dict[int, Backend]:
         if isinstance(backend, _Unavailable):
             log.warning("expert '%s' is unavailable and will fall back: %s", expert.label, backend.reason)
         backends[expert.id] = backend
+    return backends
+
+
+def build_embedding_backends(config: AppConfig, pool: ModelPool) -> dict[str, EmbeddingBackend]:
+    """A backend per embedding expert, by label, built as a chat expert of its type would be."""
+    backends: dict[str, EmbeddingBackend] = {}
+    for expert in config.embedding_experts:
+        backend = _build_or_stand_in(expert, config, pool)
+        if isinstance(backend, _Unavailable):
+            log.warning("embedding expert '%s' is unavailable and will fall back: %s", expert.label, backend.reason)
+        backends[expert.label] = backend  # type: ignore[assignment]  # the remote types embed too
     return backends
 
 

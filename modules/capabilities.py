@@ -28,7 +28,7 @@ ROUTING_CAPABILITIES = ("tools", "insert", "vision", "thinking", "json")
 CONTEXT = "context_length"
 # Ollama's own names, in the order `ollama show` prints them. "json" is not one: Ollama applies
 # `format` to every model, so it is LeMoE's routing knowledge only and never listed.
-OLLAMA_CAPABILITIES = ("completion", "tools", "insert", "vision", "thinking")
+OLLAMA_CAPABILITIES = ("completion", "tools", "insert", "vision", "embedding", "thinking")
 # Listed for an expert that declares nothing: what LeMoE has always listed. Listing more (vision,
 # insert) would make clients start sending images or fill-in-the-middle prompts that the
 # expert's server may not take; routing still assumes such an expert takes anything.

@@ -180,3 +180,5 @@ class ModelCard:
     capabilities: tuple[str, ...] = ("completion", "tools")
     # The expert's description, for /api/show's modelfile comment.
     description: str = ""
+    # Length of the vectors of an embedding model, when known (/api/show's model_info).
+    embedding_length: int | None = None

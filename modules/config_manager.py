@@ -28,6 +28,15 @@ ROUTER_MODEL_NAME = "lemoe"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
 
 
+def check_model_label(v: str) -> str:
+    """A name clients ask for as a model (expert labels, the local encoder's name)."""
+    if "/" in v or "\\" in v or ".." in v or not _LABEL_RE.match(v):
+        raise ValueError("must be 1-64 characters of letters, digits, '_', '-', '.', without '..'")
+    if v.lower() == ROUTER_MODEL_NAME:
+        raise ValueError(f"'{ROUTER_MODEL_NAME}' is reserved for the router")
+    return v
+
+
 class _Strict(BaseModel):
     # Unknown keys are refused so that a typo in a field name is an error, not a silent default.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -39,6 +48,8 @@ class ServerConfig(_Strict):
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
     threads: int = Field(256, ge=1, le=1024, description="Requests one worker serves at once (one per open stream).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
+    max_image_body_bytes: int = Field(
+        10_485_760, ge=1024, description="Largest body of a request that carries images (chat and generate routes).")
     # gunicorn's own limits on the request head (its defaults; its maxima as upper bounds).
     max_request_line_bytes: int = Field(4094, ge=256, le=8190, description="Longest request line (414 past it).")
     max_header_fields: int = Field(100, ge=16, le=32768, description="Most request header fields (431 past it).")
@@ -128,6 +139,9 @@ class LocalModelsConfig(_Strict):
 
 
 ExpertType = Literal["local", "ollama", "api", "openai"]
+# "chat" experts are routed to and answer chats; "embedding" experts only answer embedding
+# requests (/api/embed, /api/embeddings, /v1/embeddings), so the router never sees them.
+ExpertKind = Literal["chat", "embedding"]
 # Per-expert default generation options, under Ollama's names, with the JSON types they take.
 GENERATION_OPTIONS: dict[str, tuple[type, ...]] = {
     "temperature": (int, float), "top_p": (int, float), "top_k": (int,), "min_p": (int, float),
@@ -136,14 +150,16 @@ GENERATION_OPTIONS: dict[str, tuple[type, ...]] = {
 }
 # What an expert can be declared able to do, under Ollama's capability names plus "json" (a
 # `format` / `response_format` constraint, which some OpenAI-compatible servers refuse).
-# "completion" is implied for every expert (LeMoE serves no embedding-only model); it is accepted
-# so that a list copied from `ollama show` validates. See modules/capabilities.py.
-ExpertCapability = Literal["completion", "vision", "tools", "thinking", "json", "insert"]
+# "completion" is implied for every chat expert; it is accepted so that a list copied from
+# `ollama show` validates. "embedding" on a chat expert makes it answer embedding requests too;
+# on its own it makes the expert an embedding expert (kind "embedding"). See modules/capabilities.py.
+ExpertCapability = Literal["completion", "vision", "tools", "thinking", "json", "insert", "embedding"]
 
 
 class ExpertConfig(_Strict):
     id: int = Field(..., ge=0, description="Unique id; 0 is the fallback expert.")
     label: str = Field(..., description="Unique name; also the model name clients can ask for.")
+    kind: ExpertKind = Field("chat", description="chat (routed) or embedding (answers embedding requests only).")
     description: str = Field("", description="What the expert is good at (used by the router).")
     keywords: list[str] = Field(default_factory=list, description="Words that route to this expert.")
     type: ExpertType = Field(..., description="Backend: local, ollama, api (LiteLLM) or openai.")
@@ -162,15 +178,29 @@ class ExpertConfig(_Strict):
     capabilities: list[ExpertCapability] | None = Field(
         None, description="What the expert can take: vision, tools, thinking, json, insert; None = anything.")
     context_length: int | None = Field(None, ge=1, description="Context window in tokens; None = unknown (or n_ctx).")
+    dimensions: int | None = Field(
+        None, ge=1, description="embedding: length of the expert's vectors; None = unknown (no silent fallback).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedding_only_capability(cls, data: Any) -> Any:
+        # `"capabilities": ["embedding"]` alone declares what `"kind": "embedding"` does.
+        if isinstance(data, dict) and "kind" not in data and data.get("capabilities") == ["embedding"]:
+            return {**data, "kind": "embedding"}
+        return data
+
+    @property
+    def serves_chat(self) -> bool:
+        return self.kind == "chat"
+
+    @property
+    def serves_embeddings(self) -> bool:
+        return self.kind == "embedding" or "embedding" in (self.capabilities or ())
 
     @field_validator("label")
     @classmethod
     def _label_is_safe(cls, v: str) -> str:
-        if "/" in v or "\\" in v or ".." in v or not _LABEL_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '-', '.', without '..'")
-        if v.lower() == ROUTER_MODEL_NAME:
-            raise ValueError(f"'{ROUTER_MODEL_NAME}' is reserved for the router")
-        return v
+        return check_model_label(v)
 
     @field_validator("url", "api_base")
     @classmethod
@@ -210,6 +240,9 @@ class ExpertConfig(_Strict):
         missing = [name for name in needed if not getattr(self, name)]
         if missing:
             raise ValueError(f"type '{self.type}' needs field(s): {', '.join(missing)}")
+        if self.serves_embeddings and self.type == "local":
+            raise ValueError("a local embedding model is set with embeddings.local_model in config.json, "
+                             "not as an expert")
         return self
 
 
@@ -233,9 +266,30 @@ class ExpertsFile(_Strict):
         fallback = next((e for e in self.experts if e.id == 0), None)
         if fallback is None:
             raise ValueError("the fallback expert (id 0) is missing")
+        if not fallback.serves_chat:
+            raise ValueError("the fallback expert (id 0) must be a chat expert (kind 'chat')")
         if fallback.keywords:
             raise ValueError("the fallback expert (id 0) must not have keywords")
         return self
+
+
+class EmbeddingsConfig(_Strict):
+    default_expert: str = Field(
+        "", description="Embedding expert for the model name 'lemoe' and unknown names; '' = the first one, "
+                        "else the local encoder.")
+    local_model: str = Field(
+        "use-multilingual", description="Local encoder (use-multilingual, pkg:, HF id or path) that answers when "
+                                        "no expert does; '' = none.")
+    local_label: str = Field("use-multilingual", description="Model name the local encoder is listed and asked for by.")
+    max_input_chars: int = Field(
+        8192, ge=16, le=1_000_000, description="Longest text the local encoder embeds; longer ones are cut "
+                                               "(truncate: true) or refused.")
+    max_inputs: int = Field(2048, ge=1, le=100_000, description="Most texts in one embedding request.")
+
+    @field_validator("local_label")
+    @classmethod
+    def _local_label_is_safe(cls, v: str) -> str:
+        return check_model_label(v)
 
 
 class ConfigFile(_Strict):
@@ -245,6 +299,7 @@ class ConfigFile(_Strict):
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
 
 
 class AppConfig(BaseModel):
@@ -255,7 +310,11 @@ class AppConfig(BaseModel):
     server: ServerConfig
     router: RouterConfig
     local_models: LocalModelsConfig
+    # The chat experts (routed to); `embedding_experts` answer embedding requests. An expert can
+    # be in both (a chat expert that declares the "embedding" capability).
     experts: tuple[ExpertConfig, ...]
+    embedding_experts: tuple[ExpertConfig, ...] = ()
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
     rate_limit: RateLimitConfig = Field(default_factory=RateLimitConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
@@ -270,6 +329,10 @@ class AppConfig(BaseModel):
     def expert_by_label(self, label: str) -> ExpertConfig | None:
         label = label.lower()
         return next((e for e in self.experts if e.label.lower() == label), None)
+
+    def embedding_expert_by_label(self, label: str) -> ExpertConfig | None:
+        label = label.lower()
+        return next((e for e in self.embedding_experts if e.label.lower() == label), None)
 
 
 # Cloud metadata services outside the link-local ranges: AWS's IPv6 endpoint and Alibaba's.
@@ -444,6 +507,7 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
         raise ConfigError(_describe(experts_path, exc)) from exc
 
     _check_expert_labels(cfg.router, experts.experts, cfg_path, experts_path)
+    _check_embedding_labels(cfg.embeddings, experts.experts, cfg_path, experts_path)
     for i, expert in enumerate(experts.experts):
         if expert.type == "local" and expert.model_path:
             try:
@@ -461,7 +525,9 @@ def load_config(config_path: str | Path | None = None, project_dir: str | Path |
         server=cfg.server,
         router=cfg.router,
         local_models=cfg.local_models,
-        experts=tuple(experts.experts),
+        experts=tuple(e for e in experts.experts if e.serves_chat),
+        embedding_experts=tuple(e for e in experts.experts if e.serves_embeddings),
+        embeddings=cfg.embeddings,
         rate_limit=cfg.rate_limit,
         auth=cfg.auth,
         cors=cfg.cors,
@@ -481,6 +547,20 @@ def _check_expert_labels(router: RouterConfig, experts: list[ExpertConfig], cfg_
             known = ", ".join(e.label for e in experts)
             raise ConfigError(f"{cfg_path}: router.{field}: '{value}' names no expert in {experts_path} "
                               f"(experts: {known})")
+
+
+def _check_embedding_labels(embeddings: EmbeddingsConfig, experts: list[ExpertConfig], cfg_path: Path,
+                            experts_path: Path) -> None:
+    """`embeddings.default_expert` names an embedding expert; the local encoder's name is free."""
+    labels = {e.label.lower() for e in experts}
+    if embeddings.local_model and embeddings.local_label.lower() in labels:
+        raise ConfigError(f"{cfg_path}: embeddings.local_label: '{embeddings.local_label}' is also an expert's label "
+                          f"in {experts_path}; pick another name")
+    value = embeddings.default_expert
+    if value and not any(e.label.lower() == value.lower() and e.serves_embeddings for e in experts):
+        known = ", ".join(e.label for e in experts if e.serves_embeddings) or "none"
+        raise ConfigError(f"{cfg_path}: embeddings.default_expert: '{value}' names no embedding expert in "
+                          f"{experts_path} (embedding experts: {known})")
 
 
 def with_overrides(config: AppConfig, **server_fields: Any) -> AppConfig:

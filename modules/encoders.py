@@ -21,6 +21,7 @@ grows with length and routing needs the instruction, not the whole pasted docume
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -93,6 +94,13 @@ class UseEncoder:
 
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts)
+
+    def widened(self, max_chars: int) -> UseEncoder:
+        """This encoder on the same loaded model, clipping texts at `max_chars` instead."""
+        twin = copy.copy(self)
+        twin._max_chars = max_chars
+        twin.name = f"{self.name}:widened-{max_chars}"
+        return twin
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -223,6 +231,15 @@ class SentenceTransformerEncoder:
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode(texts, self._passage_prefix)
 
+    def widened(self, max_chars: int) -> SentenceTransformerEncoder:
+        """This encoder on the same loaded model, clipping texts at `max_chars` instead and adding
+        no e5 prefix (embedding clients add their own). The model's token limit still applies."""
+        twin = copy.copy(self)
+        twin._max_chars = max_chars
+        twin._query_prefix = twin._passage_prefix = ""
+        twin.name = f"{self.name}:widened-{max_chars}"
+        return twin
+
     def _encode(self, texts: Sequence[str], prefix: str) -> np.ndarray:
         clipped = [prefix + clip_message(t, self._max_chars) for t in texts]
         vectors = self._model.encode(
@@ -257,6 +274,19 @@ def build_encoder(
     else:
         encoder = SentenceTransformerEncoder(model_path, max_chars)
     return SharedPassEncoder(encoder)
+
+
+def build_document_encoder(model_path: str, max_chars: int) -> Encoder | None:
+    """The model `build_encoder(model_path)` loads, sharing that one loaded copy with the router,
+    but reading texts of up to `max_chars` (the router's encoder clips them much shorter)."""
+    from modules.encode_batching import SharedPassEncoder
+
+    shared = build_encoder(model_path)
+    if shared is None:
+        return None
+    inner = shared.inner if isinstance(shared, SharedPassEncoder) else shared
+    widened: Encoder = inner.widened(max_chars)  # type: ignore[attr-defined]
+    return widened
 
 
 def e5_prefixes(model_path: str) -> tuple[str, str]:

@@ -26,7 +26,7 @@ own connection until it ends, and local experts' models belong to the pool, whic
 Some settings are read once when the server starts: `server.host`, `port`, `workers`,
 `threads`, `client_timeout`, `log_file`, and the `rate_limit`, `auth` and `cors` sections. A
 change to them is logged as "needs restart" and the running values stay in effect.
-`max_body_bytes` and `log_level` apply at once; timeouts and the cool-down apply through the new
+`max_body_bytes`, `max_image_body_bytes` and `log_level` apply at once; timeouts and the cool-down apply through the new
 runner (which starts with a clean failure record).
 """
 
@@ -42,7 +42,9 @@ from typing import Any
 
 from flask import Flask
 
+from modules.body_limit import IMAGE_LIMIT_KEY, image_body_limit
 from modules.config_manager import AppConfig, load_config
+from modules.embedding_runner import EmbeddingRunner
 from modules.errors import ConfigError
 from modules.expert_runner import ExpertRunner
 from modules.http_views import Services
@@ -119,7 +121,8 @@ class ConfigWatcher:
         # The configuration as the files said it at the last load, before command-line
         # overrides: an edit of a start-up-only setting is told from an override against it.
         self._file_config: AppConfig | None = None
-        self._retired: list[tuple[float, ExpertRunner]] = []
+        # Runners of replaced services (chat and embeddings), closed once their answers are done.
+        self._retired: list[tuple[float, ExpertRunner | EmbeddingRunner]] = []
         self._lock = threading.Lock()
 
     def start(self, interval: float = POLL_SECONDS) -> None:
@@ -204,12 +207,15 @@ class ConfigWatcher:
             record_config_reload(app, ok=False)
             return False
         app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
+        app.config[IMAGE_LIMIT_KEY] = image_body_limit(config.server.max_body_bytes,
+                                                       config.server.max_image_body_bytes)
         get_logger().setLevel(config.server.log_level)
         app.extensions[_SERVICES] = new
         paths = watched_paths(config)
         if paths != self._paths:  # the experts file moved (router.categories_file)
             self._paths, self._stamps = paths, stamp_files(paths)
-        self._retired.append((self._clock() + retire_grace_seconds(running.config), running.runner))
+        retire_at = self._clock() + retire_grace_seconds(running.config)
+        self._retired += [(retire_at, running.runner), (retire_at, running.embeddings)]
         record_config_reload(app, ok=True)
         log.info("configuration reloaded from %s and %s: %d experts (%s)", *self._paths, len(config.experts),
                  ", ".join(e.label for e in config.experts))

@@ -12,6 +12,7 @@ knowing which library failed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,12 +29,20 @@ import urllib3.exceptions
 from modules.blocking import yield_to_others
 from modules.chat_types import ChatEvent, ChatRequest
 from modules.config_manager import ExpertConfig, ServerConfig
+from modules.embedding_protocol import (
+    embed_result_from_ollama,
+    embed_result_from_openai,
+    ollama_embed_body_from_request,
+    openai_embed_body_from_request,
+)
+from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import (
     ExpertAnswerTooLarge,
     ExpertError,
     ExpertStreamBroken,
     ExpertTimeout,
     ExpertUnavailable,
+    InvalidRequest,
 )
 from modules.logger import get_logger, sanitize
 from modules.ollama_protocol import (
@@ -270,36 +279,11 @@ class _HttpBackend(ABC):
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
         """POST the request upstream (always streamed) and yield its events as they arrive."""
-        if self._key_env and self._api_key is None:
-            raise ExpertUnavailable(f"expert '{self._label}': environment variable {self._key_env} is not set")
         url, body = self._url_and_body(request)
         with map_requests_exceptions(self._label, self._api_key):
-            try:
-                response = self._pool.urlopen(
-                    "POST",
-                    url,
-                    body=json.dumps(body, allow_nan=False).encode("utf-8"),
-                    headers=self._headers(),
-                    preload_content=False,
-                    decode_content=True,
-                    retries=False,
-                    redirect=False,
-                    timeout=self._timeout,
-                )
-            except urllib3.exceptions.ProtocolError as exc:
-                # Closed or reset before a status line: nothing was streamed, the expert is
-                # unreachable (a ProtocolError after the status line is a broken stream).
-                raise ExpertUnavailable(
-                    f"expert '{self._label}' unreachable ({type(exc).__name__}: "
-                    f"{sanitize(_redacted(str(exc), self._api_key), _SNIPPET_CHARS)})"
-                ) from exc
+            response = self._post(url, body)
             finished = False
             try:
-                if response.status != 200:
-                    raise ExpertUnavailable(
-                        f"expert '{self._label}' answered HTTP {response.status}: "
-                        f"{_body_snippet(response, self._api_key)}"
-                    )
                 lines = iter_lines(_body_chunks(response), max_line_bytes=self._max_line_bytes,
                                    max_answer_bytes=self._max_answer_bytes)
                 yield from self._events(lines)
@@ -311,6 +295,64 @@ class _HttpBackend(ABC):
                 if not finished:
                     response.close()
                 response.release_conn()
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
+        """POST an embedding request upstream and read its one JSON answer (bounded)."""
+        url, body = self._embed_url_and_body(request)
+        started = time.perf_counter_ns()
+        with map_requests_exceptions(self._label, self._api_key):
+            response = self._post(url, body)
+            data = b""
+            try:
+                data = response.read(self._max_answer_bytes + 1, decode_content=True)
+            finally:
+                if len(data) > self._max_answer_bytes or not data:
+                    # Unread bytes would be taken for the next answer on a reused connection.
+                    response.close()
+                response.release_conn()
+        if len(data) > self._max_answer_bytes:
+            raise ExpertAnswerTooLarge(f"answer longer than {self._max_answer_bytes} bytes")
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            raise ExpertStreamBroken(f"expert '{self._label}' answered with invalid JSON") from None
+        result = self._embed_result(parsed, request.count)
+        if not result.total_duration_ns:
+            result = dataclasses.replace(result, total_duration_ns=time.perf_counter_ns() - started)
+        return result
+
+    def _post(self, url: str, body: dict[str, Any]) -> urllib3.BaseHTTPResponse:
+        """POST `body` as JSON; the response once its status is 200 (its body not read yet)."""
+        if self._key_env and self._api_key is None:
+            raise ExpertUnavailable(f"expert '{self._label}': environment variable {self._key_env} is not set")
+        try:
+            response = self._pool.urlopen(
+                "POST",
+                url,
+                body=json.dumps(body, allow_nan=False).encode("utf-8"),
+                headers=self._headers(),
+                preload_content=False,
+                decode_content=True,
+                retries=False,
+                redirect=False,
+                timeout=self._timeout,
+            )
+        except urllib3.exceptions.ProtocolError as exc:
+            # Closed or reset before a status line: nothing was streamed, the expert is
+            # unreachable (a ProtocolError after the status line is a broken stream).
+            raise ExpertUnavailable(
+                f"expert '{self._label}' unreachable ({type(exc).__name__}: "
+                f"{sanitize(_redacted(str(exc), self._api_key), _SNIPPET_CHARS)})"
+            ) from exc
+        if response.status != 200:
+            try:
+                raise ExpertUnavailable(
+                    f"expert '{self._label}' answered HTTP {response.status}: {_body_snippet(response, self._api_key)}"
+                )
+            finally:
+                response.close()
+                response.release_conn()
+        return response
 
     def close(self) -> None:
         self._pool.clear()
@@ -329,6 +371,14 @@ class _HttpBackend(ABC):
     def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
         """The upstream's streamed lines as ChatEvents."""
 
+    @abstractmethod
+    def _embed_url_and_body(self, request: EmbedRequest) -> tuple[str, dict[str, Any]]:
+        """Where to POST an embedding request upstream, and its body."""
+
+    @abstractmethod
+    def _embed_result(self, body: object, count: int) -> EmbedResult:
+        """The upstream's embedding answer for `count` inputs."""
+
 
 class OllamaBackend(_HttpBackend):
     """An expert served by a remote Ollama: /api/chat, or /api/generate for completions."""
@@ -340,6 +390,14 @@ class OllamaBackend(_HttpBackend):
 
     def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
         return events_from_ollama_ndjson(lines)
+
+    def _embed_url_and_body(self, request: EmbedRequest) -> tuple[str, dict[str, Any]]:
+        if request.tokens is not None:
+            raise InvalidRequest(f"model '{self._label}' takes text, not token arrays")
+        return f"{self._base_url}/api/embed", ollama_embed_body_from_request(request, self._model_name)
+
+    def _embed_result(self, body: object, count: int) -> EmbedResult:
+        return embed_result_from_ollama(body, count)
 
 
 class OpenAIBackend(_HttpBackend):
@@ -357,3 +415,9 @@ class OpenAIBackend(_HttpBackend):
 
     def _events(self, lines: Iterable[bytes]) -> Iterator[ChatEvent]:
         return events_from_openai_sse(bounded_sse_events(lines, self._max_line_bytes))
+
+    def _embed_url_and_body(self, request: EmbedRequest) -> tuple[str, dict[str, Any]]:
+        return f"{self._base_url}/v1/embeddings", openai_embed_body_from_request(request, self._model_name)
+
+    def _embed_result(self, body: object, count: int) -> EmbedResult:
+        return embed_result_from_openai(body, count)

@@ -14,13 +14,17 @@ from typing import Any
 
 from flask import Response, current_app, request
 
+from modules import embedding_protocol as embedding
 from modules import metrics
+from modules.body_limit import check_text_body
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
 from modules.capabilities import request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
-from modules.errors import InvalidRequest, UnknownModel
+from modules.embedding_runner import EmbeddingRunner
+from modules.embeddings import EmbedRequest, EmbedResult
+from modules.errors import InvalidRequest, MissingCapability, UnknownModel
 from modules.expert_runner import ExpertRunner
 from modules.logger import get_logger, sanitize
 from modules.model_catalog import ModelCatalog
@@ -47,9 +51,11 @@ class Services:
     runner: ExpertRunner
     catalog: ModelCatalog
     pool: ModelPool
+    embeddings: EmbeddingRunner
 
     def close(self) -> None:
         self.runner.close()
+        self.embeddings.close()
         self.pool.close()
 
 
@@ -58,12 +64,20 @@ def services() -> Services:
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return json_text_response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status, headers)
+
+
+def json_text_response(text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A body the protocol layer already wrote as JSON text."""
     return Response(text, status=status, content_type=_JSON, headers=headers)
 
 
-def read_json_body() -> Any:
-    """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type)."""
+def read_json_body(carries_images: Callable[[Any], bool] | None = None) -> Any:
+    """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
+
+    On a route that takes images (`carries_images` tells whether a parsed body has any), a body
+    over the text limit is refused unless it does (modules/body_limit.py).
+    """
     data = request.get_data(cache=False)
     if not data:
         raise InvalidRequest("missing request body")
@@ -72,11 +86,14 @@ def read_json_body() -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("request body is not valid UTF-8") from None
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        body = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:
         raise InvalidRequest("invalid JSON: nested too deeply") from None
+    if carries_images is not None:
+        check_text_body(len(data), carries_images(body))
+    return body
 
 
 def _refuse_constant(name: str) -> Any:
@@ -108,6 +125,9 @@ def answer_chat(req: ChatRequest, *, stream_format: Formatter, body_format: Form
 
 def decide_route(svc: Services, req: ChatRequest, *, dry_run: bool = False) -> RouteDecision:
     choice = svc.catalog.choose(req.model)
+    if choice.embedding_only:
+        # Ollama's words for an embedding model asked to chat (server/routes.go).
+        raise MissingCapability(f'"{req.model}" does not support {"generate" if req.kind == "completion" else "chat"}')
     needs = request_needs(req)
     started = time.perf_counter()
     heard = read_route_input(req, utility_expert=svc.config.router.utility_expert,
@@ -164,6 +184,17 @@ def answer_load_probe(req: ChatRequest, kind: str) -> Response:
         # ExpertRunner has no public accessor for an expert's backend yet.
         apply_load_probe(svc.runner.backend_for(expert), req.keep_alive)
     return json_response(ollama.ollama_load_response(req.model or "", kind, unload=req.keep_alive == 0))
+
+
+def answer_embeddings(req: EmbedRequest) -> tuple[EmbedResult, dict[str, str]]:
+    """Vectors for `req` from the model it names (or the default one), and the response headers."""
+    svc = services()
+    started = time.perf_counter()
+    target = svc.embeddings.choose(req.model)
+    answered_by, result, cause = svc.embeddings.embed(target, req)
+    log.info("embed model=%s expert=%s inputs=%d in %.1fms%s", sanitize(req.model or "", 64), answered_by,
+             req.count, (time.perf_counter() - started) * 1000, " (fallback)" if cause else "")
+    return result, {"X-LeMoE-Expert": answered_by}
 
 
 # --- Ollama API --------------------------------------------------------------------------------
@@ -226,7 +257,7 @@ def _cards_for_pool_key(svc: Services, key: str) -> list[Any]:
 
 
 def ollama_chat() -> Response:
-    req = ollama.chat_request_from_ollama(read_json_body())
+    req = ollama.chat_request_from_ollama(read_json_body(ollama.body_has_images))
     if ollama.is_load_probe(req):
         return answer_load_probe(req, "chat")
     model = _response_model(req)
@@ -239,7 +270,7 @@ def ollama_chat() -> Response:
 
 
 def ollama_generate() -> Response:
-    req = ollama.generate_request_from_ollama(read_json_body())
+    req = ollama.generate_request_from_ollama(read_json_body(ollama.body_has_images))
     if ollama.is_load_probe(req):
         return answer_load_probe(req, "generate")
     model = _response_model(req)
@@ -249,6 +280,18 @@ def ollama_generate() -> Response:
         body_format=lambda events: ollama.ollama_generate_from_events(events, model=model),
         mimetype="application/x-ndjson",
     )
+
+
+def ollama_embed() -> Response:
+    req = embedding.embed_request_from_ollama(read_json_body())
+    result, headers = answer_embeddings(req)
+    return json_text_response(embedding.ollama_embed_json(result, model=req.model or ""), headers=headers)
+
+
+def ollama_embeddings() -> Response:
+    req = embedding.embeddings_request_from_ollama(read_json_body())
+    result, headers = answer_embeddings(req)
+    return json_text_response(embedding.ollama_embeddings_json(result), headers=headers)
 
 
 # --- OpenAI API --------------------------------------------------------------------------------
@@ -265,7 +308,7 @@ def openai_model(model_id: str) -> Response:
 
 
 def openai_chat_completions() -> Response:
-    req = openai.chat_request_from_openai(read_json_body())
+    req = openai.chat_request_from_openai(read_json_body(openai.body_has_images))
     model, cid, created = _response_model(req), openai.new_completion_id("chatcmpl"), int(time.time())
     return answer_chat(
         req,
@@ -288,6 +331,17 @@ def openai_completions() -> Response:
             events, model=model, completion_id=cid, created=created),
         mimetype="text/event-stream",
     )
+
+
+def openai_embeddings() -> Response:
+    req, encoding_format = embedding.embed_request_from_openai(read_json_body())
+    result, headers = answer_embeddings(req)
+    return json_text_response(embedding.openai_embedding_list_json(
+        result, model=_response_model_name(req.model), encoding_format=encoding_format), headers=headers)
+
+
+def _response_model_name(model: str | None) -> str:
+    return model or "lemoe"
 
 
 # --- LeMoE's own -------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ errors -> `ExpertUnavailable`; anything once the answer has started -> `ExpertSt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -37,6 +38,8 @@ from modules.chat_types import (
     Usage,
 )
 from modules.config_manager import ExpertConfig, ServerConfig
+from modules.embedding_protocol import embed_result_from_openai
+from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import (
     ExpertError,
     ExpertStreamBroken,
@@ -179,6 +182,29 @@ class ApiBackend:
         except Exception as exc:
             self._raise_mapped(exc, started=False)
         yield from self._events(response, started)
+
+    def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Vectors through `litellm.embedding` (an OpenAI-shaped answer, whatever the provider)."""
+        arguments: dict[str, Any] = {}
+        if request.dimensions is not None:
+            arguments["dimensions"] = request.dimensions
+        started = time.perf_counter_ns()
+        try:
+            response = self._litellm.embedding(
+                model=self.model,
+                input=request.tokens if request.tokens is not None else request.texts,
+                api_key=self._api_key,
+                api_base=self.expert.api_base,
+                timeout=self._timeout,
+                max_retries=0,
+                drop_params=True,
+                **arguments,
+            )
+        except Exception as exc:
+            self._raise_mapped(exc, started=False)
+        raw = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+        result = embed_result_from_openai(raw, request.count)
+        return dataclasses.replace(result, total_duration_ns=time.perf_counter_ns() - started)
 
     def close(self) -> None:
         # LiteLLM keeps its own shared HTTP clients; nothing per backend to release.

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 
-from modules.capabilities import OLLAMA_CAPABILITIES, ExpertAbilities, abilities_from_config
+from modules.capabilities import (
+    CHARS_PER_TOKEN,
+    OLLAMA_CAPABILITIES,
+    UNKNOWN_CONTEXT_LISTING,
+    ExpertAbilities,
+    abilities_from_config,
+)
 from modules.chat_types import ModelCard
 from modules.config_manager import ROUTER_MODEL_NAME, AppConfig, ExpertConfig, resolve_local_model_path
+from modules.encoders import PACKAGED_ENCODER
 
 DEFAULT_TAG = "latest"
 _QUANT_RE = re.compile(r"(I?Q\d+_[A-Z0-9_]+|Q\d+_\d|F16|F32|BF16)", re.IGNORECASE)
@@ -36,14 +44,33 @@ class ModelChoice:
     expert: ExpertConfig | None
     # True when the name was neither the router's nor an expert's (it is routed all the same).
     unknown: bool = False
+    # True when the name is an embedding model's, which cannot chat.
+    embedding_only: bool = False
+
+
+@dataclass(frozen=True)
+class LocalEncoderListing:
+    """The local embedding encoder as a model: its name and the length of its vectors."""
+
+    label: str
+    dimensions: int
+    # Longest text it embeds, in characters.
+    max_chars: int
 
 
 class ModelCatalog:
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, local_encoder: LocalEncoderListing | None = None) -> None:
         self._config = config
         self._abilities = abilities_from_config(config)
         modified = config.experts_path.stat().st_mtime if config.experts_path.exists() else 0.0
-        self._cards = [self._router_card(modified)] + [self._expert_card(e, modified) for e in config.experts]
+        embedding_only = [e for e in config.embedding_experts if not e.serves_chat]
+        self._cards = ([self._router_card(modified)] + [self._expert_card(e, modified) for e in config.experts]
+                       + [self._embedding_card(e, modified) for e in embedding_only])
+        if local_encoder is not None:
+            self._cards.append(self._local_encoder_card(local_encoder, modified))
+        self._embedding_only = {e.label.lower() for e in embedding_only}
+        if local_encoder is not None:
+            self._embedding_only.add(local_encoder.label.lower())
         self._by_base = {split_tag(c.name)[0].lower(): c for c in self._cards}
 
     @property
@@ -77,7 +104,8 @@ class ModelCatalog:
             return ModelChoice(expert=None)
         expert = self._config.expert_by_label(base) if tag.lower() == DEFAULT_TAG else None
         if expert is None:
-            return ModelChoice(expert=None, unknown=True)
+            embedding_only = tag.lower() == DEFAULT_TAG and base.lower() in self._embedding_only
+            return ModelChoice(expert=None, unknown=not embedding_only, embedding_only=embedding_only)
         return ModelChoice(expert=expert)
 
     def _router_card(self, modified: float) -> ModelCard:
@@ -127,6 +155,40 @@ class ModelCatalog:
             context_length=self._abilities[expert.label].listed_context_length(),
             capabilities=self._abilities[expert.label].listed_capabilities(),
             description=expert.description,
+        )
+
+
+    def _embedding_card(self, expert: ExpertConfig, modified: float) -> ModelCard:
+        return ModelCard(
+            name=f"{expert.label}:{DEFAULT_TAG}",
+            family=expert.type,
+            format="remote",
+            parameter_size="unknown",
+            quantization_level="unknown",
+            size=1,
+            digest=_digest(expert.model_dump(exclude={"keywords", "description"})),
+            modified_at=modified,
+            context_length=expert.context_length or UNKNOWN_CONTEXT_LISTING,
+            capabilities=("embedding",),
+            description=expert.description,
+            embedding_length=expert.dimensions,
+        )
+
+    def _local_encoder_card(self, local: LocalEncoderListing, modified: float) -> ModelCard:
+        return ModelCard(
+            name=f"{local.label}:{DEFAULT_TAG}",
+            # USE for the packaged encoder; a sentence-transformers model is BERT-like.
+            family="use" if self._config.embeddings.local_model == PACKAGED_ENCODER else "bert",
+            format="onnx" if self._config.embeddings.local_model == PACKAGED_ENCODER else "safetensors",
+            parameter_size="unknown",
+            quantization_level="unknown",
+            size=1,
+            digest=_digest({"local_encoder": self._config.embeddings.model_dump()}),
+            modified_at=modified,
+            context_length=math.ceil(local.max_chars / CHARS_PER_TOKEN),
+            capabilities=("embedding",),
+            description="The local sentence encoder (in-process, offline).",
+            embedding_length=local.dimensions,
         )
 
 

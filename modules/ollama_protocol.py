@@ -91,8 +91,8 @@ def chat_request_from_ollama(body: object) -> ChatRequest:
 
     An absent or empty `messages` list is a load/unload probe and comes back with no messages.
     """
-    fields = _require_object(body)
-    model = _model_from_body(fields)
+    fields = require_object(body)
+    model = model_from_body(fields)
     options, lifted = _options_and_lifted_from_body(fields)
     raw_messages = fields.get("messages")
     if raw_messages is None:
@@ -124,8 +124,8 @@ def generate_request_from_ollama(body: object) -> ChatRequest:
     The system text and the prompt also become messages, so routers and chat-only backends can
     use them; `prompt`, `suffix` and `raw` stay on the request for completion backends.
     """
-    fields = _require_object(body)
-    model = _model_from_body(fields)
+    fields = require_object(body)
+    model = model_from_body(fields)
     options, lifted = _options_and_lifted_from_body(fields)
     prompt = _optional_str(fields.get("prompt"), "prompt") or ""
     suffix = _optional_str(fields.get("suffix"), "suffix")
@@ -156,6 +156,17 @@ def generate_request_from_ollama(body: object) -> ChatRequest:
         suffix=suffix,
         raw=raw,
     )
+
+
+def body_has_images(body: object) -> bool:
+    """Whether a parsed /api/chat or /api/generate body carries an image (checked before it is
+    validated, to choose its size limit)."""
+    if not isinstance(body, dict):
+        return False
+    if body.get("images"):
+        return True
+    messages = body.get("messages")
+    return isinstance(messages, list) and any(isinstance(m, dict) and m.get("images") for m in messages)
 
 
 def is_load_probe(request: ChatRequest) -> bool:
@@ -195,13 +206,13 @@ def keep_alive_seconds(value: object) -> float | None:
     return -seconds if match.group(1) == "-" else seconds
 
 
-def _require_object(body: object) -> dict[str, Any]:
+def require_object(body: object) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
 
 
-def _model_from_body(fields: dict[str, Any]) -> str:
+def model_from_body(fields: dict[str, Any]) -> str:
     model = fields.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequest("model is required")
@@ -696,15 +707,18 @@ def ollama_show(card: ModelCard) -> dict[str, Any]:
     context window from a `*context_length` key of `model_info` (which ollama-python requires).
     """
     template = _template_from_capabilities(card.capabilities)
+    model_info: dict[str, Any] = {
+        "general.architecture": card.family,
+        f"{card.family}.context_length": card.context_length,
+    }
+    if card.embedding_length is not None:
+        model_info[f"{card.family}.embedding_length"] = card.embedding_length
     return {
         "modelfile": _modelfile_from_card(card, template),
         "parameters": f"{'num_ctx':<{_PARAMETER_NAME_WIDTH}} {card.context_length}",
         "template": template,
         "details": _details_from_card(card),
-        "model_info": {
-            "general.architecture": card.family,
-            f"{card.family}.context_length": card.context_length,
-        },
+        "model_info": model_info,
         "capabilities": list(card.capabilities),
         "modified_at": _rfc3339_from_epoch(card.modified_at),
     }

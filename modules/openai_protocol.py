@@ -104,12 +104,12 @@ _UPSTREAM_FINISH: dict[str, DoneReason] = {
 
 def chat_request_from_openai(body: object) -> ChatRequest:
     """Validate a parsed `/v1/chat/completions` body and convert it. Raises `InvalidRequest`."""
-    body = _require_object(body, "body")
+    body = require_object(body, "body")
     raw_messages = body.get("messages")
     if "messages" not in body or raw_messages is None:
         raise InvalidRequest("Missing required parameter: 'messages'.")
     if not isinstance(raw_messages, list):
-        raise _invalid_type("messages", "an array", raw_messages)
+        raise invalid_type("messages", "an array", raw_messages)
     if not raw_messages:
         raise InvalidRequest("[] is too short - 'messages'")
     messages = [_message_from_openai(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
@@ -127,13 +127,24 @@ def chat_request_from_openai(body: object) -> ChatRequest:
     )
 
 
+def body_has_images(body: object) -> bool:
+    """Whether a parsed /v1/chat/completions body has an `image_url` content part (checked before
+    it is validated, to choose its size limit)."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(messages, list):
+        return False
+    return any(isinstance(part, dict) and part.get("type") == "image_url"
+               for message in messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+               for part in message["content"])
+
+
 def completion_request_from_openai(body: object) -> ChatRequest:
     """Validate a parsed legacy `/v1/completions` body and convert it. Raises `InvalidRequest`."""
-    body = _require_object(body, "body")
+    body = require_object(body, "body")
     stream_options = _optional_object(body, "stream_options")
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
-        raise _invalid_type("suffix", "a string", suffix)
+        raise invalid_type("suffix", "a string", suffix)
     return ChatRequest(
         model=_model_from_openai(body),
         messages=[],
@@ -163,13 +174,13 @@ def _model_from_openai(body: dict[str, Any]) -> str | None:
     if model is None:
         return None
     if not isinstance(model, str):
-        raise _invalid_type("model", "a string", model)
+        raise invalid_type("model", "a string", model)
     # An empty name means the same as none: let the router choose.
     return model or None
 
 
 def _message_from_openai(raw: object, where: str) -> Message:
-    msg = _require_object(raw, where)
+    msg = require_object(raw, where)
     role_name = msg.get("role")
     if not isinstance(role_name, str) or role_name not in _ROLES:
         allowed = "', '".join(_ROLES)
@@ -181,7 +192,7 @@ def _message_from_openai(raw: object, where: str) -> Message:
         tool_calls = [_tool_call_from_function(legacy_call, f"{where}.function_call", None, 0)]
     tool_call_id = msg.get("tool_call_id")
     if tool_call_id is not None and not isinstance(tool_call_id, str):
-        raise _invalid_type(f"{where}.tool_call_id", "a string", tool_call_id)
+        raise invalid_type(f"{where}.tool_call_id", "a string", tool_call_id)
     name = msg.get("name")
     thinking = msg.get("reasoning_content") or msg.get("reasoning")
     role = _ROLES[role_name]
@@ -203,21 +214,21 @@ def _content_from_openai(content: object, where: str) -> tuple[str, list[str]]:
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
-        raise _invalid_type(where, "a string, null or an array of content parts", content)
+        raise invalid_type(where, "a string, null or an array of content parts", content)
     texts: list[str] = []
     images: list[str] = []
     for i, raw_part in enumerate(content):
-        part = _require_object(raw_part, f"{where}[{i}]")
+        part = require_object(raw_part, f"{where}[{i}]")
         kind = part.get("type")
         if kind == "text":
             text = part.get("text")
             if not isinstance(text, str):
-                raise _invalid_type(f"{where}[{i}].text", "a string", text)
+                raise invalid_type(f"{where}[{i}].text", "a string", text)
             texts.append(text)
         elif kind == "image_url":
             images.append(_image_from_part(part.get("image_url"), f"{where}[{i}].image_url"))
         elif not isinstance(kind, str):
-            raise _invalid_type(f"{where}[{i}].type", "a string", kind)
+            raise invalid_type(f"{where}[{i}].type", "a string", kind)
         # Audio, files and refusals have no place in the internal message: ignored on purpose.
     return "\n".join(texts), images
 
@@ -225,7 +236,7 @@ def _content_from_openai(content: object, where: str) -> tuple[str, list[str]]:
 def _image_from_part(image_url: object, where: str) -> str:
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
-        raise _invalid_type(f"{where}.url", "a string", url)
+        raise invalid_type(f"{where}.url", "a string", url)
     # Only inline images: fetching a client-supplied URL would let clients make us call any host.
     head, sep, data = url.partition(",")
     if not sep or not head.startswith("data:") or not head.endswith(";base64"):
@@ -241,19 +252,19 @@ def _tool_calls_from_openai(raw: object, where: str) -> list[ToolCall]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise _invalid_type(where, "an array", raw)
+        raise invalid_type(where, "an array", raw)
     calls = []
     for i, raw_call in enumerate(raw):
-        call = _require_object(raw_call, f"{where}[{i}]")
+        call = require_object(raw_call, f"{where}[{i}]")
         call_id = call.get("id")
         if call_id is not None and not isinstance(call_id, str):
-            raise _invalid_type(f"{where}[{i}].id", "a string", call_id)
+            raise invalid_type(f"{where}[{i}].id", "a string", call_id)
         calls.append(_tool_call_from_function(call.get("function"), f"{where}[{i}].function", call_id or None, i))
     return calls
 
 
 def _tool_call_from_function(raw: object, where: str, call_id: str | None, index: int) -> ToolCall:
-    function = _require_object(raw, where)
+    function = require_object(raw, where)
     name = function.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidRequest(f"Invalid value for '{where}.name': expected a non-empty string.")
@@ -269,7 +280,7 @@ def _arguments_from_openai(raw: object, where: str) -> dict[str, Any]:
     if isinstance(raw, dict):
         return raw
     if not isinstance(raw, str):
-        raise _invalid_type(f"{where}.arguments", "a JSON string", raw)
+        raise invalid_type(f"{where}.arguments", "a JSON string", raw)
     try:
         parsed = json.loads(raw)
     except ValueError:
@@ -325,7 +336,7 @@ def _stop_from_openai(stop: object) -> list[str] | None:
         return [stop]
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
         return list(stop)
-    raise _invalid_type("stop", "a string or an array of strings", stop)
+    raise invalid_type("stop", "a string or an array of strings", stop)
 
 
 def _tools_from_openai(body: dict[str, Any]) -> list[dict[str, Any]] | None:
@@ -333,9 +344,9 @@ def _tools_from_openai(body: dict[str, Any]) -> list[dict[str, Any]] | None:
     if tools is None:
         return None
     if not isinstance(tools, list):
-        raise _invalid_type("tools", "an array", tools)
+        raise invalid_type("tools", "an array", tools)
     for i, tool in enumerate(tools):
-        _require_object(tool, f"tools[{i}]")
+        require_object(tool, f"tools[{i}]")
     # Several upstreams reject an empty tool list; "no tools" is the same request.
     return tools or None
 
@@ -352,12 +363,12 @@ def _format_from_openai(body: dict[str, Any]) -> str | dict[str, Any] | None:
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
-            raise _invalid_type("response_format.json_schema", "an object", spec)
+            raise invalid_type("response_format.json_schema", "an object", spec)
         schema = spec.get("schema")
         if schema is None:
             return "json"
         if not isinstance(schema, dict):
-            raise _invalid_type("response_format.json_schema.schema", "an object", schema)
+            raise invalid_type("response_format.json_schema.schema", "an object", schema)
         return schema
     raise InvalidRequest("Invalid value for 'response_format.type': must be 'text', 'json_object' or 'json_schema'.")
 
@@ -376,11 +387,11 @@ def _think_from_openai(body: dict[str, Any]) -> bool | str | None:
     return _EFFORT_TO_THINK[effort]
 
 
-def _require_object(value: object, where: str) -> dict[str, Any]:
+def require_object(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         if where == "body":
             raise InvalidRequest("The request body must be a JSON object.")
-        raise _invalid_type(where, "an object", value)
+        raise invalid_type(where, "an object", value)
     return value
 
 
@@ -388,13 +399,13 @@ def _optional_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
     value = body.get(key)
     if value is None:
         return None
-    return _require_object(value, key)
+    return require_object(value, key)
 
 
 def _optional_bool(body: dict[str, Any], key: str, prefix: str = "") -> bool | None:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
-        raise _invalid_type(prefix + key, "a boolean", value)
+        raise invalid_type(prefix + key, "a boolean", value)
     return value
 
 
@@ -404,7 +415,7 @@ def _optional_number(body: dict[str, Any], key: str) -> float | None:
         return None
     # bool is an int subclass in Python, but `true` is not a temperature.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _invalid_type(key, "a number", value)
+        raise invalid_type(key, "a number", value)
     return value
 
 
@@ -413,11 +424,11 @@ def _optional_int(body: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid_type(key, "an integer", value)
+        raise invalid_type(key, "an integer", value)
     return value
 
 
-def _invalid_type(where: str, expected: str, got: object) -> InvalidRequest:
+def invalid_type(where: str, expected: str, got: object) -> InvalidRequest:
     return InvalidRequest(f"Invalid type for '{where}': expected {expected}, but got {_json_type_name(got)} instead.")
 
 

@@ -129,7 +129,9 @@ def test_tags_list_capabilities_as_recent_ollama_does(url: str, ollama_client: o
     caps = {m["name"]: m["capabilities"] for m in body["models"]}
     assert caps == {"lemoe:latest": ["completion", "tools", "vision"], "fallback:latest": ["completion"],
                     "coder:latest": ["completion", "tools"], "eyes:latest": ["completion", "vision"],
-                    "longdoc:latest": ["completion"], "blind:latest": ["completion", "vision"]}
+                    "longdoc:latest": ["completion"], "blind:latest": ["completion", "vision"],
+                    # The local encoder, which serves /api/embed out of the box.
+                    "use-multilingual:latest": ["embedding"]}
     assert {m.model for m in ollama_client.list().models} == set(caps)  # the client still parses it
 
 

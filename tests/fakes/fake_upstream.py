@@ -19,8 +19,11 @@ was forwarded.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -79,6 +82,8 @@ class Behaviour:
     require_key: str | None = None
     done_reason: str = "stop"
     prompt_tokens: int = 5
+    # Length of the vectors the embedding routes answer with.
+    embedding_dimensions: int = 8
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,14 @@ class RecordedRequest:
     # The parsed JSON body, or None when the body was empty or not JSON.
     json: Any
     body: bytes
+
+
+def fake_vector(text: str, dimensions: int) -> list[float]:
+    """A unit vector that depends only on `text`: tests can predict what the fake answers."""
+    digest = hashlib.sha256(text.encode()).digest() * (dimensions // 32 + 1)
+    raw = [b - 127.5 for b in digest[:dimensions]]
+    norm = sum(v * v for v in raw) ** 0.5
+    return [v / norm for v in raw]
 
 
 def _now_rfc3339() -> str:
@@ -194,6 +207,8 @@ class FakeUpstream:
             ("GET", "/v1/models"): self._answer_openai_models,
             ("POST", "/v1/chat/completions"): self._answer_openai_chat,
             ("POST", "/v1/completions"): self._answer_openai_completion,
+            ("POST", "/api/embed"): self._answer_ollama_embed,
+            ("POST", "/v1/embeddings"): self._answer_openai_embeddings,
         }
 
     # --- life cycle -------------------------------------------------------------------------
@@ -404,6 +419,39 @@ class FakeUpstream:
         return self._stream(iter([line.encode(), line.encode()]), mimetype)
 
     # --- general and listing endpoints -------------------------------------------------------
+
+    def _answer_ollama_embed(self, request: Request, body: dict[str, Any]) -> Response:
+        model = str(body.get("model", ""))
+        behaviour = self._behaviour_for(model)
+        gated = self._gate(request, behaviour, _ollama_error)
+        if gated is not None:
+            return gated
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) and raw else list(raw or [])
+        dims = body.get("dimensions") or behaviour.embedding_dimensions
+        return _json_response({
+            "model": model,
+            "embeddings": [fake_vector(text, behaviour.embedding_dimensions)[:dims] for text in texts],
+            "total_duration": 2_000_000, "load_duration": 1_000,
+            "prompt_eval_count": sum(len(text.split()) for text in texts),
+        })
+
+    def _answer_openai_embeddings(self, request: Request, body: dict[str, Any]) -> Response:
+        model = str(body.get("model", ""))
+        behaviour = self._behaviour_for(model)
+        gated = self._gate(request, behaviour, _openai_error)
+        if gated is not None:
+            return gated
+        raw = body.get("input")
+        texts = [raw] if isinstance(raw, str) else [t if isinstance(t, str) else json.dumps(t) for t in raw or []]
+        rows: list[Any] = [fake_vector(text, behaviour.embedding_dimensions) for text in texts]
+        if body.get("encoding_format") == "base64":
+            rows = [base64.b64encode(struct.pack(f"<{len(r)}f", *r)).decode() for r in rows]
+        # Real servers may list the vectors in any order: `index` says whose each is.
+        data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(rows)][::-1]
+        tokens = sum(len(text.split()) for text in texts)
+        return _json_response({"object": "list", "data": data, "model": model,
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     def _answer_root(self, request: Request, body: dict[str, Any]) -> Response:
         return Response("Ollama is running", content_type="text/plain; charset=utf-8")

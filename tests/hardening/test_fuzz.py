@@ -54,7 +54,10 @@ def body_for(route: str) -> st.SearchStrategy[dict[str, Any]]:
                      "stream_options": mostly(st.fixed_dictionaries({"include_usage": st.booleans()})),
                      "n": mostly(st.just(1)), "user": mostly(short_text)}
     required = {"/api/chat": ("model", "messages"), "/api/generate": ("model", "prompt"), "/api/show": ("model",),
-                "/v1/chat/completions": ("messages",), "/v1/completions": ("prompt",), "/v1/route": ("messages",)}
+                "/v1/chat/completions": ("messages",), "/v1/completions": ("prompt",), "/v1/route": ("messages",),
+                "/api/embed": ("model",), "/api/embeddings": ("model",), "/v1/embeddings": ("input",)}
+    texts = short_text | st.lists(short_text, max_size=3)
+    tokens = st.lists(st.integers(-1, 50_000), min_size=1, max_size=4)
     fields = {
         "/api/chat": {**ollama_common, "messages": messages, "tools": mostly(st.just([]))},
         "/api/generate": {**ollama_common, "prompt": mostly(short_text), "system": mostly(short_text),
@@ -71,6 +74,14 @@ def body_for(route: str) -> st.SearchStrategy[dict[str, Any]]:
                             "prompt": mostly(short_text | st.lists(short_text, min_size=1, max_size=1)),
                             "suffix": mostly(short_text)},
         "/v1/route": {"messages": messages, "model": models},
+        "/api/embed": {"model": models, "input": mostly(texts | json_values), "truncate": mostly(st.booleans()),
+                       "dimensions": mostly(st.integers(-2, 600)), "keep_alive": mostly(st.sampled_from(["5m", 0])),
+                       "options": mostly(st.just({"num_ctx": 512}) | json_values)},
+        "/api/embeddings": {"model": models, "prompt": mostly(short_text | json_values),
+                            "options": mostly(st.just({}))},
+        "/v1/embeddings": {"model": models, "input": texts | tokens | st.lists(tokens, max_size=2) | json_values,
+                           "encoding_format": mostly(st.sampled_from(["float", "base64", "FLOAT", "hex"])),
+                           "dimensions": mostly(st.integers(-2, 600)), "user": mostly(short_text)},
     }[route]
     extra = st.dictionaries(st.text(max_size=10), json_values, max_size=2)
     present = {name: fields.pop(name) for name in required[route]}
@@ -143,8 +154,16 @@ def test_fuzz_route_dry_run(open_server: LiveServer, body: dict[str, Any]) -> No
 
 
 @FUZZ
+@given(route=st.sampled_from(["/api/embed", "/api/embeddings", "/v1/embeddings"]), data=st.data())
+def test_fuzz_embeddings(open_server: LiveServer, route: str, data: st.DataObject) -> None:
+    body = data.draw(body_for(route))
+    assert_well_formed(route, send(open_server, "POST", route, json=body))
+
+
+@FUZZ
 @given(route=st.sampled_from(["/api/chat", "/api/generate", "/api/show", "/v1/chat/completions",
-                              "/v1/completions", "/v1/route"]), raw=st.binary(max_size=300))
+                              "/v1/completions", "/v1/route", "/api/embed", "/api/embeddings",
+                              "/v1/embeddings"]), raw=st.binary(max_size=300))
 def test_fuzz_raw_bytes(open_server: LiveServer, route: str, raw: bytes) -> None:
     assert_well_formed(route, send(open_server, "POST", route, data=raw))
 

@@ -22,8 +22,10 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 405: "invalid_request_error", 408: "api_error",
                 413: "invalid_request_error", 414: "invalid_request_error", 429: "rate_limit_error",
                 431: "invalid_request_error", 501: "api_error", 503: "api_error"}
-POST_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/v1/chat/completions", "/v1/completions", "/v1/route")
-INFERENCE_ROUTES = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions")
+POST_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/v1/chat/completions", "/v1/completions", "/v1/route",
+               "/api/embed", "/api/embeddings", "/v1/embeddings")
+INFERENCE_ROUTES = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions",
+                    "/api/embed", "/api/embeddings", "/v1/embeddings")
 
 
 @dataclass(frozen=True)
@@ -203,7 +205,8 @@ CASES += [
 # --- huge and deeply nested bodies -----------------------------------------------------------------
 
 CASES += [Case(f"huge-{slug(route)}", "POST", route, b'{"x": "' + b"a" * 1_100_000 + b'"}', 413,
-               "request body is larger than 1048576 bytes") for route in POST_ROUTES]
+               "request body is larger than 1048576 bytes; raise server.max_body_bytes to accept it")
+          for route in POST_ROUTES]
 DEEP = {
     "array": b"[" * 50_000 + b"]" * 50_000,
     "object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
@@ -238,8 +241,8 @@ CASES += [
 
 # --- unknown routes and wrong methods --------------------------------------------------------------
 
-UNKNOWN_PATHS = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy", "/api/embed",
-                 "/api/embeddings", "/v1/embeddings", "/v1/images/generations", "/v1/audio/speech", "/admin",
+UNKNOWN_PATHS = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy",
+                 "/v1/images/generations", "/v1/audio/speech", "/admin",
                  "/.env", "/api", "/v1", "/api/chat/extra", "/v1/chat", "/%2e%2e/%2e%2e/etc/passwd")
 for path in UNKNOWN_PATHS:
     shown = path.replace("%2e", ".")
@@ -249,7 +252,8 @@ WRONG_METHODS = {"/api/chat": ("GET", "PUT", "DELETE", "PATCH"),
                  "/v1/chat/completions": ("GET", "PUT", "DELETE", "PATCH"),
                  "/api/generate": ("GET",), "/api/show": ("GET",), "/v1/completions": ("GET",), "/v1/route": ("GET",),
                  "/api/tags": ("POST", "DELETE"), "/v1/models": ("POST", "DELETE"), "/api/version": ("POST",),
-                 "/api/ps": ("POST",), "/": ("POST", "DELETE")}
+                 "/api/ps": ("POST",), "/": ("POST", "DELETE"),
+                 "/api/embed": ("GET",), "/api/embeddings": ("GET",), "/v1/embeddings": ("GET", "PUT")}
 CASES += [Case(f"method-{method}-{slug(path)}", method, path, None, 405, f"method {method} not allowed on {path}")
           for path, methods in WRONG_METHODS.items() for method in methods]
 

@@ -1,18 +1,24 @@
 """Request bodies of no declared length (`Transfer-Encoding: chunked`) on the real server: over
 `server.max_body_bytes` they get 413, as bodies with a `Content-Length` do, instead of being cut
 at the limit and served; a malformed chunked body gets 400. Both in the protocol of the route.
+
+Requests that carry images may be up to `server.max_image_body_bytes` (a phone photo is several
+MB of base64); every 413 names the field to raise.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+import requests
 
 from tests.contract.conftest import LiveServer
+from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.test_hostile_requests import expected_error
 from tests.hardening.test_request_heads import exchange
 
@@ -51,7 +57,8 @@ def test_a_chunked_body_over_the_limit_gets_413_in_the_protocol(open_server: Liv
     status, headers, answer = post_chunked(open_server, route, data)
     assert status == 413, answer[:300]
     assert headers["content-type"] == "application/json; charset=utf-8"
-    assert json.loads(answer) == expected_error(route, 413, f"request body is larger than {MAX_BODY} bytes")
+    assert json.loads(answer) == expected_error(
+        route, 413, f"request body is larger than {MAX_BODY} bytes; raise server.max_body_bytes to accept it")
 
 
 @pytest.mark.parametrize("route", list(CHAT))
@@ -75,3 +82,64 @@ def test_a_malformed_chunked_body_is_a_400_in_the_protocol(open_server: LiveServ
     assert reply.status == 400, reply.status_line
     assert reply.json() == expected_error(route, 400, "malformed request body")
     assert f"POST {route}: malformed request body from 127.0.0.1" in open_server.log_text()
+
+
+# --- images: their own, larger limit ---------------------------------------------------------------
+
+MAX_IMAGE_BODY = 10 * 1024 * 1024
+# A phone photo's worth of base64 (about 3 MB of JPEG).
+PHOTO = base64.b64encode(b"\xff\xd8\xff\xe0" + b"\x00" * 3_000_000).decode()
+WITH_PHOTO = {
+    "/api/chat": {"model": "coder", "stream": False,
+                  "messages": [{"role": "user", "content": "what is in this photo?", "images": [PHOTO]}]},
+    "/api/generate": {"model": "coder", "stream": False, "prompt": "what is in this photo?", "images": [PHOTO]},
+    "/v1/chat/completions": {"model": "writer", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is in this photo?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{PHOTO}"}}]}]},
+}
+IMAGE_LIMIT_MESSAGE = (f"request body is larger than {MAX_IMAGE_BODY} bytes, the limit for requests that may carry "
+                       "images; raise server.max_image_body_bytes to accept it")
+TEXT_LIMIT_MESSAGE = f"request body is larger than {MAX_BODY} bytes; raise server.max_body_bytes to accept it"
+
+
+@pytest.mark.parametrize("route", list(WITH_PHOTO))
+def test_a_phone_photo_is_not_refused(open_server: LiveServer, fake_upstream: FakeUpstream, route: str) -> None:
+    body = json.dumps(WITH_PHOTO[route]).encode()
+    assert MAX_BODY < len(body) < MAX_IMAGE_BODY
+    reply = requests.post(open_server.url + route, data=body, timeout=60)
+    assert reply.status_code == 200, reply.text[:300]
+    sent = fake_upstream.last_request.json
+    forwarded = sent["messages"][-1] if "messages" in sent else sent
+    assert PHOTO in json.dumps(forwarded)
+
+
+@pytest.mark.parametrize("route", list(WITH_PHOTO))
+def test_text_over_the_text_limit_is_refused_on_image_routes_too(open_server: LiveServer, route: str) -> None:
+    body = WITH_PHOTO[route]
+    text_only = {key: value for key, value in body.items() if key != "images"}
+    if "messages" in body:
+        text_only["messages"] = [{"role": "user", "content": "x" * 2_000_000}]
+    else:
+        text_only["prompt"] = "x" * 2_000_000
+    reply = requests.post(open_server.url + route, json=text_only, timeout=60)
+    assert reply.status_code == 413 and reply.json() == expected_error(route, 413, TEXT_LIMIT_MESSAGE)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("route", ["/api/chat", "/v1/chat/completions"])
+def test_past_the_image_limit_the_413_names_max_image_body_bytes(open_server: LiveServer, route: str,
+                                                                 chunked: bool) -> None:
+    body = padded(route, MAX_IMAGE_BODY + 10)
+    if chunked:
+        status, _, answer = post_chunked(open_server, route, body)
+    else:
+        reply = requests.post(open_server.url + route, data=body, timeout=60)
+        status, answer = reply.status_code, reply.content
+    assert status == 413 and json.loads(answer) == expected_error(route, 413, IMAGE_LIMIT_MESSAGE)
+
+
+def test_routes_without_images_keep_the_text_limit(open_server: LiveServer) -> None:
+    photo_body = json.dumps({"model": "lemoe", "input": [PHOTO]}).encode()
+    for route in ("/api/embed", "/v1/embeddings"):
+        reply = requests.post(open_server.url + route, data=photo_body, timeout=60)
+        assert reply.status_code == 413 and reply.json() == expected_error(route, 413, TEXT_LIMIT_MESSAGE)

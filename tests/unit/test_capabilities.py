@@ -178,7 +178,8 @@ FALLBACK = {"id": 0, "label": "fallback", "type": "ollama", "url": "http://127.0
     ("fields", "expected"),
     [
         ({"capabilities": ["vision", "telepathy"]}, "experts[0].capabilities[1]"),
-        ({"capabilities": ["embedding"]}, "experts[0].capabilities[0]"),
+        # "embedding" alone makes an embedding expert, which cannot be the (chat) fallback.
+        ({"capabilities": ["embedding"]}, "the fallback expert (id 0) must be a chat expert"),
         ({"capabilities": "vision"}, "experts[0].capabilities"),
         ({"context_length": 0}, "experts[0].context_length"),
         ({"context_length": "big"}, "experts[0].context_length"),

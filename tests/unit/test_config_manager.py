@@ -134,10 +134,10 @@ def test_every_config_field_is_documented_in_the_readme() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Configuration"): readme.index("## Routing")]
-    from modules.config_manager import AuthConfig, CorsConfig, RateLimitConfig
+    from modules.config_manager import AuthConfig, CorsConfig, EmbeddingsConfig, RateLimitConfig
 
     for model in (ServerConfig, RouterConfig, ScoringWeights, LocalModelsConfig, ExpertsFile, ExpertConfig,
-                  RateLimitConfig, AuthConfig, CorsConfig):
+                  RateLimitConfig, AuthConfig, CorsConfig, EmbeddingsConfig):
         for name in model.model_fields:
             assert f"`{name}`" in section or f"`experts[].{name}`" in section, f"{model.__name__}.{name}"
 
@@ -156,3 +156,32 @@ def test_router_expert_fields_must_name_an_expert(tmp_path: Path, field: str) ->
 def test_router_expert_fields_default_to_routing(tmp_path: Path) -> None:
     router = load_config(write_project(tmp_path, {"experts": [FALLBACK]}), tmp_path).router
     assert (router.utility_expert, router.autocomplete_expert) == ("", "")
+
+
+EMBEDDER = {**FALLBACK, "id": 5, "label": "nomic", "kind": "embedding", "dimensions": 768}
+
+
+def test_embedding_experts_are_kept_apart_from_the_routed_ones(tmp_path: Path) -> None:
+    both = {**FALLBACK, "id": 6, "label": "both", "capabilities": ["completion", "embedding"]}
+    only = {**FALLBACK, "id": 7, "label": "only", "capabilities": ["embedding"]}
+    config = load_config(write_project(tmp_path, {"experts": [FALLBACK, EMBEDDER, both, only]}), tmp_path)
+    assert [e.label for e in config.experts] == ["fallback", "both"]
+    assert [e.label for e in config.embedding_experts] == ["nomic", "both", "only"]
+    assert config.embedding_experts[0].dimensions == 768 and config.embeddings.local_model == "use-multilingual"
+
+
+@pytest.mark.parametrize(("experts", "config", "expected"), [
+    ([{**FALLBACK, "kind": "embedding"}], {}, "the fallback expert (id 0) must be a chat expert"),
+    ([FALLBACK, {**EMBEDDER, "type": "local", "format": "gguf", "model_path": "x.gguf"}], {},
+     "experts.json: experts[1]: Value error, a local embedding model is set with embeddings.local_model"),
+    ([FALLBACK, EMBEDDER], {"embeddings": {"default_expert": "fallback"}},
+     "embeddings.default_expert: 'fallback' names no embedding expert"),
+    ([FALLBACK, EMBEDDER], {"embeddings": {"local_label": "nomic"}}, "embeddings.local_label: 'nomic' is also"),
+    ([FALLBACK], {"embeddings": {"local_label": "lemoe"}}, "embeddings.local_label: 'lemoe' is reserved"),
+    ([FALLBACK], {"embeddings": {"max_inputs": 0}}, "embeddings.max_inputs"),
+    ([FALLBACK, {**EMBEDDER, "kind": "vector"}], {}, "experts[1].kind"),
+])
+def test_bad_embedding_settings_name_file_and_field(tmp_path: Path, experts: list[dict], config: dict,
+                                                    expected: str) -> None:
+    message = load_error(tmp_path, {"experts": experts}, config)
+    assert expected.replace("Value error, ", "") in message

@@ -1223,3 +1223,13 @@ def test_our_error_line_parses_back_as_a_broken_stream() -> None:
     assert next(stream) == TextDelta("partial")
     with pytest.raises(ExpertStreamBroken):
         next(stream)
+
+
+def test_body_has_images_looks_at_messages_and_generate_images() -> None:
+    from modules.ollama_protocol import body_has_images
+
+    assert body_has_images({"messages": [{"role": "user", "content": "x"}, {"role": "user", "images": ["aGk="]}]})
+    assert body_has_images({"prompt": "x", "images": ["aGk="]})
+    for body in ({"messages": [{"role": "user", "images": []}]}, {"messages": "x"}, {"images": []}, [], "x",
+                 {"messages": [["images"]]}):
+        assert not body_has_images(body)

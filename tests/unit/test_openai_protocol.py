@@ -1099,3 +1099,13 @@ def test_round_trip_request_body_to_events() -> None:
     answer: list[ChatEvent] = [TextDelta("hi"), Done("length", Usage(3, 5))]
     text = list(openai_sse_from_events(answer, model=sent["model"], completion_id="c", created=1, include_usage=True))
     assert list(events_from_openai_sse(lines_of(text))) == answer
+
+
+def test_body_has_images_finds_image_url_parts() -> None:
+    from modules.openai_protocol import body_has_images
+
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}
+    assert body_has_images({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}]})
+    for body in ({"messages": [{"role": "user", "content": "image_url"}]}, {"messages": [{"content": [{"type": "text"}]}]},
+                 {"messages": None}, None, {"messages": [[part]]}):
+        assert not body_has_images(body)
