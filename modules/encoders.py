@@ -110,6 +110,8 @@ def load_use_model(threads: int = 1) -> Any:
     # costs more than it saves, and the server runs many requests side by side.
     model = USE(threads=threads)
     map_embedding_table(model._model, cache_root() / f"use-table-{__version__}.npy")
+    # The heap table just replaced (64 MB) and the unzipped files are free: give them back.
+    release_free_heap()
     return model
 
 
