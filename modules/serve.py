@@ -133,7 +133,8 @@ def prepare_metrics_dir(environ: dict[str, str] | os._Environ[str] = os.environ)
     """The folder for the workers' metric files, set in `environ` and emptied of stale files.
 
     Returns the folder and whether it was created here (and so should be removed at exit).
-    A configured folder that cannot be used is a `ConfigError` naming the variable. Must run before prometheus_client is imported in this process: it reads the variable once.
+    A configured folder that cannot be used is a `ConfigError` naming the variable. Must run
+    before prometheus_client is imported in this process: it reads the variable once.
     """
     configured = environ.get(MULTIPROC_ENV)
     if configured:
