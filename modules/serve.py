@@ -8,10 +8,10 @@ the same CPU (bench/README.md). The process must be patched for gevent before an
 imported (`api_server.py` does it first thing); long native calls (local model generation and
 loading) run on gevent's thread pool (`modules/blocking.py`).
 
-Workers start fast and hand over without a gap: the master imports the app and builds the
-packaged encoder before it forks (`modules/preload.py`), so a worker that replaces a dead one,
-or a new one after SIGHUP, serves after about 0.2 s; and on SIGHUP the old workers are stopped
-only once the new ones serve (`modules/worker_handover.py`).
+Workers start fast and hand over without a gap: the master imports the app and loads the
+packaged encoder's model before it forks (`modules/preload.py`), so a worker that replaces a dead
+one, or a new one after SIGHUP, serves after 0.2 to 0.4 s; and on SIGHUP the old workers are
+stopped only once the new ones serve (`modules/worker_handover.py`).
 
 Metrics from several workers: each worker is its own process, so prometheus-client runs in
 multiprocess mode. Before any worker starts, the master sets $PROMETHEUS_MULTIPROC_DIR (the
