@@ -80,7 +80,8 @@ def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Se
     from modules.expert_runner import build_runner
     from modules.model_catalog import LocalEncoderListing, ModelCatalog
     from modules.decision_cache import DecisionCache
-    from modules.router_factory import build_router
+    from modules.blocking import run_blocking
+    from modules.router_factory import OffLoopRouter, build_router
 
     if pool is None:
         pool = ModelPool(config.local_models.max_loaded_models, config.local_models.model_ttl_seconds)
@@ -92,7 +93,9 @@ def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Se
                                     config.embeddings.max_input_chars)
     return views.Services(
         config=config,
-        router=DecisionCache(build_router(config), config.router.decision_cache_size),
+        # Built off the event loop (an encoder load, the first encoding of the experts' keywords:
+        # seconds, and on a config reload the worker is serving), and deciding off it too.
+        router=DecisionCache(OffLoopRouter(run_blocking(build_router, config)), config.router.decision_cache_size),
         runner=build_runner(config, pool),
         catalog=ModelCatalog(config, local),
         pool=pool,

@@ -86,7 +86,7 @@ def run_wrk(target: Target, *, concurrency: int, seconds: float, timeout_s: int 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=duration + timeout_s + 30,
                           check=False)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next((l for l in done.stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    line = next((row for row in done.stdout.splitlines() if row.startswith("WRKJSON ")), None)
     if done.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr[-1000:]}{done.stdout[-1000:]}")
     figures = json.loads(line.removeprefix("WRKJSON "))

@@ -7,8 +7,14 @@ included. These helpers run such calls on gevent's pool of real threads and let 
 greenlets run meanwhile. Without gevent's patches (the test process, gunicorn's gthread worker,
 the development server) they just call, and threads already overlap.
 
-Short calls (the encoder's 0.3 ms pass, a classifier's few milliseconds) stay inline: a trip
-to another thread would cost about as much as it saves.
+Routing decisions go there too (`router_factory.OffLoopRouter`), and so does building a router
+(the encoder, the first encoding of the experts' keywords) at start-up and on a config reload:
+a long message costs the encoder 5 to 15 ms, a cascade two passes, and sixteen of them at once
+held every other request of the worker for over 100 ms (bench/bench_loop_latency.py).
+
+State that the pool's threads share with each other takes the OS's locks (`native_lock`):
+gevent's monkey-patched ones work across threads, but its Event, waited on in a pool thread,
+raises LoopExit instead of waiting.
 """
 
 from __future__ import annotations
@@ -51,6 +57,20 @@ def _outcome(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool,
         return True, function(*args)
     except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's greenlet
         return False, exc
+
+
+def native_lock() -> Any:
+    """A lock of the OS, not gevent's, even in a process patched for gevent.
+
+    For state shared by real threads only: a greenlet that waits on it stops its whole loop.
+    """
+    if _patched_for_gevent():
+        from gevent import monkey
+
+        return monkey.get_original("_thread", "allocate_lock")()
+    import _thread
+
+    return _thread.allocate_lock()
 
 
 def run_blocking(function: Callable[..., T], *args: Any) -> T:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from modules.chat_types import RouteDecision
-from modules.router_factory import Router
+from modules.router_factory import OffLoopRouter, Router
 
 
 def conversation_key(user_texts: Sequence[str]) -> bytes:
@@ -61,5 +61,8 @@ class DecisionCache:
 
 def router_name(router: Router) -> str:
     """The class name of the router doing the work (what /ui and the start-up log show)."""
-    inner = router.router if isinstance(router, DecisionCache) else router
+    # Through the wrappers (this cache, OffLoopRouter), which all keep theirs as `router`.
+    inner = router
+    while isinstance(inner, (DecisionCache, OffLoopRouter)):
+        inner = inner.router
     return type(inner).__name__

@@ -12,12 +12,13 @@ there is nothing to start, stop or leak across hot reloads and gunicorn forks.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from modules.blocking import native_lock
 
 if TYPE_CHECKING:
     from modules.encoders import Encoder
@@ -27,10 +28,29 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BATCH = 16
 
 
+class _Wake:
+    """A one-shot event on the OS's locks: callers run on gevent's pool threads under the server
+    (modules/blocking.py), where gevent's own Event cannot be waited on."""
+
+    def __init__(self) -> None:
+        self._lock = native_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:  # set already
+            pass
+
+    def wait(self) -> None:
+        self._lock.acquire()
+        self._lock.release()
+
+
 @dataclass
 class _Job:
     texts: list[str]
-    wake: threading.Event = field(default_factory=threading.Event)
+    wake: _Wake = field(default_factory=_Wake)
     vectors: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -52,7 +72,7 @@ class SharedPassEncoder:
         self._inner = inner
         self._max_batch = max(1, max_batch)
         self.name = inner.name
-        self._lock = threading.Lock()
+        self._lock = native_lock()
         self._queue: list[_Job] = []
         self._busy = False
 

