@@ -193,6 +193,12 @@ def follow_up_rates(router: EmbeddingRouter, firsts: Sequence[dict[str, Any]], u
     return out
 
 
+def follow_up_merit(rates: dict[str, float]) -> float:
+    """What the switch confidence is chosen by: follow-ups kept (both languages) and unrelated
+    questions sent to the fallback, weighed alike."""
+    return float((np.mean([rates["en"], rates["es"]]) + rates["unrelated"]) / 2)
+
+
 def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
     """MT-Bench-X second turns after their first (assistants set), and CLINC out-of-scope
     questions after an MT-Bench-X first turn, with the switch confidence chosen out of fold.
@@ -209,15 +215,11 @@ def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) 
     out_of_fold: dict[str, list[float]] = {"en": [], "es": [], "unrelated": []}
     chosen = []
     for k in (0, 1):
-        def merit(t: float) -> float:
-            r = rates[(t, 1 - k)]
-            return (np.mean([r["en"], r["es"]]) + r["unrelated"]) / 2
-        best = max(SWITCH_GRID, key=merit)
+        best = max(SWITCH_GRID, key=lambda t, other=1 - k: follow_up_merit(rates[(t, other)]))
         chosen.append(best)
         for key in out_of_fold:
             out_of_fold[key].append(rates[(best, k)][key])
-    on_all = max(SWITCH_GRID, key=lambda t: np.mean([
-        (np.mean([rates[(t, k)]["en"], rates[(t, k)]["es"]]) + rates[(t, k)]["unrelated"]) / 2 for k in (0, 1)]))
+    on_all = max(SWITCH_GRID, key=lambda t: np.mean([follow_up_merit(rates[(t, k)]) for k in (0, 1)]))
     shipped = follow_up_rates(lemoe(encoder)(configs["assistants"]), mt, oos)
     return {
         "follow-ups keep their expert, out of fold (en)": float(np.mean(out_of_fold["en"])),
