@@ -178,6 +178,8 @@ def choose_on_all(scores: dict[Any, dict[str, dict[str, Any]]]) -> Any:
 
 
 SWITCH_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# MT-Bench-X lists ten questions per category: seven apart is another category.
+SWITCH_OFFSET = 7
 
 
 def follow_up_rates(router: EmbeddingRouter, firsts: Sequence[dict[str, Any]], unrelated: Sequence[str]) -> dict[str, float]:
@@ -190,13 +192,25 @@ def follow_up_rates(router: EmbeddingRouter, firsts: Sequence[dict[str, Any]], u
     english = [r for r in firsts if r["lang"] == "en"]
     out["unrelated"] = float(np.mean(
         [router.route([english[i % len(english)]["text"], text]).label == "fallback" for i, text in enumerate(unrelated)]))
+    # A new, self-contained question for another specialist after a first turn: it should
+    # reach the expert it gets on its own. Pairs are the questions SWITCH_OFFSET apart in one
+    # language, counted where that question alone reaches a specialist the first turn did not.
+    switched = []
+    for lang in ("en", "es"):
+        turns = [r for r in firsts if r["lang"] == lang]
+        for i, first in enumerate(turns):
+            second = turns[(i + SWITCH_OFFSET) % len(turns)]["text"]
+            alone = router.route([second]).label
+            if alone != "fallback" and alone != router.route([first["text"]]).label:
+                switched.append(router.route([first["text"], second]).label == alone)
+    out["switch"] = float(np.mean(switched)) if switched else float("nan")
     return out
 
 
 def follow_up_merit(rates: dict[str, float]) -> float:
-    """What the switch confidence is chosen by: follow-ups kept (both languages) and unrelated
-    questions sent to the fallback, weighed alike."""
-    return float((np.mean([rates["en"], rates["es"]]) + rates["unrelated"]) / 2)
+    """What the switch confidence is chosen by: follow-ups kept (both languages), unrelated
+    questions sent to the fallback and new questions that switch, weighed alike."""
+    return float(np.mean([np.mean([rates["en"], rates["es"]]), rates["unrelated"], rates["switch"]]))
 
 
 def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
@@ -212,7 +226,7 @@ def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) 
     half = {k: ([r for r in mt if int(r["question_id"].split("_")[0]) % 2 == k], oos[k::2]) for k in (0, 1)}
     routers = {t: lemoe(encoder, switch_confidence=t)(configs["assistants"]) for t in SWITCH_GRID}
     rates = {(t, k): follow_up_rates(routers[t], *half[k]) for t in SWITCH_GRID for k in (0, 1)}
-    out_of_fold: dict[str, list[float]] = {"en": [], "es": [], "unrelated": []}
+    out_of_fold: dict[str, list[float]] = {"en": [], "es": [], "unrelated": [], "switch": []}
     chosen = []
     for k in (0, 1):
         best = max(SWITCH_GRID, key=lambda t, other=1 - k: follow_up_merit(rates[(t, other)]))
@@ -225,11 +239,13 @@ def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) 
         "follow-ups keep their expert, out of fold (en)": float(np.mean(out_of_fold["en"])),
         "follow-ups keep their expert, out of fold (es)": float(np.mean(out_of_fold["es"])),
         "unrelated question after a first turn -> fallback, out of fold": float(np.mean(out_of_fold["unrelated"])),
+        "new question for another specialist switches, out of fold": float(np.mean(out_of_fold["switch"])),
         "switch confidence chosen per half": chosen,  # type: ignore[dict-item]
         "switch confidence the rule picks on all rows": on_all,
         "shipped: follow-ups keep (en)": shipped["en"],
         "shipped: follow-ups keep (es)": shipped["es"],
         "shipped: unrelated -> fallback": shipped["unrelated"],
+        "shipped: new question switches": shipped["switch"],
     }
 
 

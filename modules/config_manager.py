@@ -121,7 +121,7 @@ class RouterConfig(_Strict):
     description_scoring: Literal["whole", "sentences"] = Field(
         "sentences", description="Score a description as one text, or by its closest sentence.")
     switch_confidence: float = Field(
-        0.9, ge=0, le=1, description="Probability at which a new turn leaves its conversation's expert.")
+        0.5, ge=0, le=1, description="Probability at which a new turn leaves its conversation's expert.")
     calibration_file: str = Field("", description="Read-out written by `main.py calibrate` ('' = none).")
     calibrated_oos_gate: float = Field(0.7, ge=0, le=1, description="'none' share that overrides the read-out.")
     utility_expert: str = Field(

@@ -254,7 +254,7 @@ class EmbeddingSettings:
     # expert than the conversation's is "confidently about something else" and switches; below
     # it, a follow-up keeps the conversation's expert (bench/routing_lodo.py measures it on
     # follow-ups it was not chosen on).
-    switch_confidence: float = 0.9
+    switch_confidence: float = 0.5
 
 
 def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
