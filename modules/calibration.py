@@ -253,7 +253,7 @@ def calibrate(
     is_none = targets == none
     base_recall = float((base_chosen[is_none] == none).mean()) if is_none.any() else 1.0
     base_recalls = _recalls(base_chosen, targets, names)
-    common = dict(
+    common: dict[str, Any] = dict(
         labels=labels, row_counts=row_counts, tuned=tuned_names, untuned=untuned, warnings=warnings,
         base_accuracy=base_accuracy, base_fallback_recall=base_recall,
     )

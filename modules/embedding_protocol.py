@@ -232,7 +232,9 @@ def embed_result_from_openai(body: object, count: int) -> EmbedResult:
         rows = [_row_from_openai(item.get("embedding")) for item in ordered]
     except (AttributeError, TypeError, ValueError) as exc:
         raise ExpertStreamBroken(f"the embedding answer is malformed ({type(exc).__name__})") from None
-    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
     return EmbedResult(vectors=_matrix(rows, count), prompt_tokens=_count(usage.get("prompt_tokens")))
 
 

@@ -201,7 +201,8 @@ def _body_chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
     Not `response.stream(n)`: on an answer that is not chunked it waits for n bytes (or the
     end), which at a useful size would hold back the tokens of a close-delimited stream.
     """
-    if response.chunked and response.supports_chunked_reads():
+    # Every response here comes from a PoolManager, an HTTPResponse; the base class lacks this.
+    if response.chunked and response.supports_chunked_reads():  # type: ignore[attr-defined]
         yield from response.read_chunked(_READ_BYTES, decode_content=True)
         return
     while data := response.read1(_READ_BYTES):

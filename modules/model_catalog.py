@@ -126,7 +126,8 @@ class ModelCatalog:
         )
 
     def _expert_card(self, expert: ExpertConfig, modified: float) -> ModelCard:
-        size, fmt, family, params, quant = 1, "remote", expert.type, "unknown", "unknown"
+        size, fmt, params, quant = 1, "remote", "unknown", "unknown"
+        family: str = expert.type
         if expert.type == "local" and expert.model_path:
             fmt = expert.format or "gguf"
             family = "llama" if fmt == "gguf" else "onnx"
