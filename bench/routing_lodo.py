@@ -177,7 +177,15 @@ def choose_on_all(scores: dict[Any, dict[str, dict[str, Any]]]) -> Any:
     return max(scores, key=lambda key: np.mean([s["accuracy"] for s in scores[key].values()]))
 
 
-SWITCH_GRID = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# (switch_confidence, switch_confidence_follow_up). Never above 1: a turn that points back must
+# still be able to switch when it is confidently about something else ("translate this into
+# French" in a coding chat); MT-Bench-X's second turns almost never do, so they would reward it.
+SWITCH_GRID = tuple(
+    (plain, follow_up)
+    for plain in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    for follow_up in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    if follow_up >= plain
+)
 # MT-Bench-X lists ten questions per category: seven apart is another category.
 SWITCH_OFFSET = 7
 
@@ -207,10 +215,20 @@ def follow_up_rates(router: EmbeddingRouter, firsts: Sequence[dict[str, Any]], u
     return out
 
 
-def follow_up_merit(rates: dict[str, float]) -> float:
-    """What the switch confidence is chosen by: follow-ups kept (both languages), unrelated
-    questions sent to the fallback and new questions that switch, weighed alike."""
-    return float(np.mean([np.mean([rates["en"], rates["es"]]), rates["unrelated"], rates["switch"]]))
+# The issue's targets for conversations: follow-ups keep their expert at least this often (in
+# each language) while unrelated questions still reach the fallback at least this often.
+FOLLOW_UP_TARGET = 0.9
+UNRELATED_TARGET = 0.7
+
+
+def follow_up_merit(rates: dict[str, float]) -> tuple[bool, float, float]:
+    """What the switch confidences are chosen by: among the settings that meet the targets, the
+    one that lets the most new questions switch; when none does, the closest to the targets
+    (the most new questions switching among equally close ones)."""
+    keep = min(rates["en"], rates["es"])
+    meets = keep >= FOLLOW_UP_TARGET and rates["unrelated"] >= UNRELATED_TARGET
+    closeness = min(keep / FOLLOW_UP_TARGET, rates["unrelated"] / UNRELATED_TARGET, 1.0)
+    return (meets, round(closeness, 6), rates["switch"])
 
 
 def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) -> dict[str, float]:
@@ -218,13 +236,14 @@ def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) 
     questions after an MT-Bench-X first turn, with the switch confidence chosen out of fold.
 
     The questions are split in two halves (question number odd / even, the out-of-scope rows
-    alternately); the switch confidence is chosen on one half, by the mean of the keep rate and
-    the unrelated-to-fallback rate, and measured on the other; the table adds up both halves.
-    The shipped value's own figures on all rows come alongside."""
+    alternately); the two switch confidences are chosen on one half by follow_up_merit and
+    measured on the other; the figures add up both halves. The shipped values' own figures on
+    all rows come alongside, and every setting's rates on all rows (for the README's table)."""
     mt = _rows(data, "mtbench_x_en_es.jsonl")
     oos = [r["text"] for r in _rows(data, "clinc150_domains_val.jsonl") if r["label"] == "oos"]
     half = {k: ([r for r in mt if int(r["question_id"].split("_")[0]) % 2 == k], oos[k::2]) for k in (0, 1)}
-    routers = {t: lemoe(encoder, switch_confidence=t)(configs["assistants"]) for t in SWITCH_GRID}
+    routers = {t: lemoe(encoder, switch_confidence=t[0], switch_confidence_follow_up=t[1])(configs["assistants"])
+               for t in SWITCH_GRID}
     rates = {(t, k): follow_up_rates(routers[t], *half[k]) for t in SWITCH_GRID for k in (0, 1)}
     out_of_fold: dict[str, list[float]] = {"en": [], "es": [], "unrelated": [], "switch": []}
     chosen = []
@@ -233,7 +252,8 @@ def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) 
         chosen.append(best)
         for key in out_of_fold:
             out_of_fold[key].append(rates[(best, k)][key])
-    on_all = max(SWITCH_GRID, key=lambda t: np.mean([follow_up_merit(rates[(t, k)]) for k in (0, 1)]))
+    on_all = max(SWITCH_GRID, key=lambda t: follow_up_merit(
+        {key: float(np.mean([rates[(t, k)][key] for k in (0, 1)])) for key in ("en", "es", "unrelated", "switch")}))
     shipped = follow_up_rates(lemoe(encoder)(configs["assistants"]), mt, oos)
     return {
         "follow-ups keep their expert, out of fold (en)": float(np.mean(out_of_fold["en"])),
@@ -246,6 +266,9 @@ def follow_ups(encoder: MemoEncoder, data: Path, configs: dict[str, AppConfig]) 
         "shipped: follow-ups keep (es)": shipped["es"],
         "shipped: unrelated -> fallback": shipped["unrelated"],
         "shipped: new question switches": shipped["switch"],
+        "every setting on all rows": {  # type: ignore[dict-item]
+            str(t): {key: round(float(np.mean([rates[(t, k)][key] for k in (0, 1)])), 3) for key in rates[(t, 0)]}
+            for t in SWITCH_GRID},
     }
 
 

@@ -121,7 +121,9 @@ class RouterConfig(_Strict):
     description_scoring: Literal["whole", "sentences"] = Field(
         "sentences", description="Score a description as one text, or by its closest sentence.")
     switch_confidence: float = Field(
-        0.5, ge=0, le=1, description="Probability at which a new turn leaves its conversation's expert.")
+        0.4, ge=0, le=1, description="Probability at which a new turn leaves its conversation's expert.")
+    switch_confidence_follow_up: float = Field(
+        0.9, ge=0, le=1, description="The same for a turn that points back at the conversation.")
     calibration_file: str = Field("", description="Read-out written by `main.py calibrate` ('' = none).")
     calibrated_oos_gate: float = Field(0.7, ge=0, le=1, description="'none' share that overrides the read-out.")
     utility_expert: str = Field(

@@ -254,7 +254,11 @@ class EmbeddingSettings:
     # expert than the conversation's is "confidently about something else" and switches; below
     # it, a follow-up keeps the conversation's expert (bench/routing_lodo.py measures it on
     # follow-ups it was not chosen on).
-    switch_confidence: float = 0.5
+    switch_confidence: float = 0.4
+    # The same for a new turn that points back at the conversation ("make it shorter", "your
+    # previous answer", FOLLOW_UP_CUES): it more likely refines the conversation's request than
+    # starts another one.
+    switch_confidence_follow_up: float = 0.9
 
 
 def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
@@ -268,6 +272,7 @@ def settings_from_router_config(config: RouterConfig) -> EmbeddingSettings:
         expert_centering=config.expert_centering,
         description_scoring=config.description_scoring,
         switch_confidence=config.switch_confidence,
+        switch_confidence_follow_up=config.switch_confidence_follow_up,
     )
 
 
@@ -560,7 +565,9 @@ class EmbeddingRouter:
         earlier = [t for t in user_texts[:-1] if t.strip()]
         if not earlier:
             return decision or self._keywords_or_fallback(user_texts, step, None)
-        if decision is not None and decision.score >= self._settings.switch_confidence:
+        if decision is not None and decision.score >= max(
+            self._settings.switch_confidence, self._settings.switch_confidence_follow_up
+        ):
             # Confidently about one expert: whatever came before, this turn switches to it
             # (or stays), so the earlier turns need no encoder pass.
             return decision
@@ -585,13 +592,11 @@ class EmbeddingRouter:
         conversation = self._accept(context_step, "cascade", context) or self._keywords_or_fallback(
             earlier, context_step, context
         )
-        if decision is not None and (
-            decision.label == conversation.label or decision.score >= self._settings.switch_confidence
-        ):
+        points_back = is_follow_up(user_texts[-1])
+        bar = self._settings.switch_confidence_follow_up if points_back else self._settings.switch_confidence
+        if decision is not None and (decision.label == conversation.label or decision.score >= bar):
             return decision
-        continues = (
-            float(step.vector @ context_step.vector) >= self._topic_cosine or is_follow_up(user_texts[-1])
-        )
+        continues = points_back or float(step.vector @ context_step.vector) >= self._topic_cosine
         if step.probs[-1] >= 0.5 and not continues:
             return self._keywords_or_fallback(user_texts, step, context)
         return conversation
