@@ -83,6 +83,18 @@ class ChatRequest:
         return [m.content for m in self.messages if m.role == "user"]
 
 
+def name_tool_results(messages: list[Message]) -> None:
+    """Give tool results the name of the call they answer (by call id), as Ollama's native API
+    wants it; the OpenAI, Anthropic and Responses APIs only send the id back."""
+    names: dict[str, str] = {}
+    for msg in messages:
+        for call in msg.tool_calls:
+            if call.id:
+                names[call.id] = call.name
+        if msg.role == "tool" and msg.tool_name is None and msg.tool_call_id in names:
+            msg.tool_name = names[msg.tool_call_id]
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts and timings of one answer (durations in nanoseconds, as Ollama reports)."""
