@@ -47,8 +47,8 @@ from modules.rate_limit import init_rate_limit
 
 log = get_logger("server")
 # The routes whose requests may carry images, so their bodies may be up to server.max_image_body_bytes.
-IMAGE_ENDPOINTS = ("ollama_chat", "ollama_generate", "openai_chat_completions", "anthropic_messages",
-                   "anthropic_count_tokens")
+IMAGE_ENDPOINTS = ("ollama_chat", "ollama_generate", "openai_chat_completions", "openai_responses",
+                   "anthropic_messages", "anthropic_count_tokens")
 
 
 def create_app(config: AppConfig | None = None) -> Flask:
@@ -128,6 +128,7 @@ def register_routes(app: Flask) -> None:
     add("/v1/chat/completions", "openai_chat_completions", views.openai_chat_completions, methods=["POST"])
     add("/v1/completions", "openai_completions", views.openai_completions, methods=["POST"])
     add("/v1/embeddings", "openai_embeddings", views.openai_embeddings, methods=["POST"])
+    add("/v1/responses", "openai_responses", views.openai_responses, methods=["POST"])
     # Anthropic API (Claude Code with ANTHROPIC_BASE_URL)
     add("/v1/messages", "anthropic_messages", views.anthropic_messages, methods=["POST"])
     add("/v1/messages/count_tokens", "anthropic_count_tokens", views.anthropic_count_tokens, methods=["POST"])

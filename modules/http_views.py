@@ -20,6 +20,7 @@ from modules import metrics
 from modules.body_limit import check_text_body
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
+from modules import responses_protocol as responses
 from modules.capabilities import estimate_prompt_tokens, request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
@@ -343,6 +344,20 @@ def openai_embeddings() -> Response:
 
 def _response_model_name(model: str | None) -> str:
     return model or "lemoe"
+
+
+def openai_responses() -> Response:
+    parsed = responses.responses_request_from_openai(read_json_body(responses.body_has_images))
+    req = parsed.chat
+    model, rid, created = _response_model(req), responses.new_response_id(), int(time.time())
+    return answer_chat(
+        req,
+        stream_format=lambda events: responses.responses_sse_from_events(
+            events, model=model, response_id=rid, created=created, echo=parsed.echo),
+        body_format=lambda events: responses.response_from_events(
+            events, model=model, response_id=rid, created=created, echo=parsed.echo),
+        mimetype="text/event-stream",
+    )
 
 
 # --- Anthropic API -----------------------------------------------------------------------------
