@@ -23,8 +23,9 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 405: "invalid_request_error", 408: "api_error",
                 413: "invalid_request_error", 414: "invalid_request_error", 429: "rate_limit_error",
                 431: "invalid_request_error", 501: "api_error", 503: "api_error"}
-ANTHROPIC_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-                   413: "request_too_large"}
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                   405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
 POST_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/v1/chat/completions", "/v1/completions", "/v1/route",
                "/api/embed", "/api/embeddings", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens",
                "/v1/responses")
