@@ -694,7 +694,7 @@ def openai_chat_body_from_request(request: ChatRequest, model_name: str) -> dict
         body["response_format"] = {"type": "json_object"}
     elif isinstance(request.format, dict):
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": request.format}}
-    effort = _effort_from_think(request.think)
+    effort = effort_from_think(request.think)
     if effort is not None:
         body["reasoning_effort"] = effort
     return body
@@ -791,7 +791,7 @@ def _openai_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _effort_from_think(think: bool | str | None) -> str | None:
+def effort_from_think(think: bool | str | None) -> str | None:
     # Only explicit levels are sent: many upstreams reject unknown or "none" efforts, and a bare
     # True/False has no OpenAI spelling that every server accepts.
     if isinstance(think, str) and think in ("low", "medium", "high", "max"):
