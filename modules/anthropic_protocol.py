@@ -35,12 +35,15 @@ from modules.chat_types import (
     ThinkingDelta,
     ToolCall,
     ToolCallDelta,
+    close_events,
+    collect_answer,
     name_tool_results,
 )
 from modules.errors import InvalidRequest, RequestError
 from modules.logger import get_logger, sanitize
 from modules.openai_protocol import (
     invalid_type,
+    model_from_openai,
     optional_bool,
     optional_int,
     optional_number,
@@ -103,7 +106,7 @@ def chat_request_from_anthropic(body: object, *, require_max_tokens: bool = True
     output_config = optional_object(body, "output_config") or {}
     think = _think_from_anthropic(body.get("thinking"))
     return ChatRequest(
-        model=_model_from_anthropic(body),
+        model=model_from_openai(body),
         messages=messages,
         stream=optional_bool(body, "stream") or False,
         options=_options_from_anthropic(body, require_max_tokens),
@@ -131,15 +134,6 @@ def _block_has_image(block: object) -> bool:
         return True
     inner = block.get("content") if block.get("type") == "tool_result" else None
     return isinstance(inner, list) and any(isinstance(b, dict) and b.get("type") == "image" for b in inner)
-
-
-def _model_from_anthropic(body: dict[str, Any]) -> str | None:
-    model = body.get("model")
-    if model is None:
-        return None
-    if not isinstance(model, str):
-        raise invalid_type("model", "a string", model)
-    return model or None
 
 
 def _system_from_anthropic(system: object) -> list[Message]:
@@ -369,28 +363,14 @@ def new_message_id() -> str:
 
 def anthropic_message_from_events(events: Iterable[ChatEvent], *, model: str, message_id: str) -> dict[str, Any]:
     """A whole non-streamed `message` object from one answer's events."""
-    thoughts: list[str] = []
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    done = Done()
-    for event in events:
-        if isinstance(event, TextDelta):
-            texts.append(event.text)
-        elif isinstance(event, ThinkingDelta):
-            thoughts.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            calls.append(_tool_use_block(event.call, with_input=True))
-        elif isinstance(event, Done):
-            done = event
-            break
-    content: list[dict[str, Any]] = []
-    if thoughts:
-        content.append(_thinking_block("".join(thoughts)))
-    text = "".join(texts)
+    answer = collect_answer(events)
+    done = answer.done
+    calls = [_tool_use_block(call, with_input=True) for call in answer.calls]
+    content: list[dict[str, Any]] = [_thinking_block(answer.thinking)] if answer.thinking else []
     # An answer with nothing at all still carries one (empty) text block, so `content[0].text`
     # works for clients; an answer that only calls tools carries just the calls.
-    if text or not calls:
-        content.append({"type": "text", "text": text})
+    if answer.text or not calls:
+        content.append({"type": "text", "text": answer.text})
     content.extend(calls)
     return {
         "id": message_id,
@@ -434,7 +414,7 @@ def anthropic_sse_from_events(events: Iterable[ChatEvent], *, model: str, messag
         yield _stream_error_event(exc)
         return
     finally:
-        _close(iterator)
+        close_events(iterator)
     yield from blocks.close()
     yield _event("message_delta", {
         "type": "message_delta",
@@ -515,13 +495,6 @@ def _stream_error_event(exc: Exception) -> str:
         return _event("error", {"type": "error", "error": _error_object(exc.message, exc.status_code)})
     _log.warning("stream ended by %s: %s", type(exc).__name__, sanitize(str(exc)))
     return _event("error", {"type": "error", "error": _error_object(STREAM_ERROR_MESSAGE, 500)})
-
-
-def _close(iterator: Iterator[ChatEvent]) -> None:
-    # Closing the source promptly stops the expert when the client goes away mid-stream.
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
 
 
 def _json(value: object) -> str:

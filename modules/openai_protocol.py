@@ -41,6 +41,8 @@ from modules.chat_types import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    close_events,
+    collect_answer,
     name_tool_results,
 )
 from modules.errors import ExpertStreamBroken, InvalidRequest, RequestError
@@ -117,7 +119,7 @@ def chat_request_from_openai(body: object) -> ChatRequest:
     name_tool_results(messages)
     stream_options = optional_object(body, "stream_options")
     return ChatRequest(
-        model=_model_from_openai(body),
+        model=model_from_openai(body),
         messages=messages,
         stream=optional_bool(body, "stream") or False,
         options=_options_from_openai(body),
@@ -147,7 +149,7 @@ def completion_request_from_openai(body: object) -> ChatRequest:
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_type("suffix", "a string", suffix)
     return ChatRequest(
-        model=_model_from_openai(body),
+        model=model_from_openai(body),
         messages=[],
         stream=optional_bool(body, "stream") or False,
         options=_options_from_openai(body),
@@ -170,7 +172,7 @@ def _prompt_from_openai(body: dict[str, Any]) -> str:
     raise InvalidRequest("Invalid value for 'prompt': expected a string or a list holding exactly one string.")
 
 
-def _model_from_openai(body: dict[str, Any]) -> str | None:
+def model_from_openai(body: dict[str, Any]) -> str | None:
     model = body.get("model")
     if model is None:
         return None
@@ -455,24 +457,12 @@ def openai_completion_from_events(
     events: Iterable[ChatEvent], *, model: str, completion_id: str, created: int
 ) -> dict[str, Any]:
     """A whole non-streamed `chat.completion` object from one answer's events."""
-    texts: list[str] = []
-    thoughts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    done = Done()
-    for event in events:
-        if isinstance(event, TextDelta):
-            texts.append(event.text)
-        elif isinstance(event, ThinkingDelta):
-            thoughts.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            calls.append(_openai_tool_call(event.call, len(calls)))
-        elif isinstance(event, Done):
-            done = event
-            break
-    text = "".join(texts)
+    answer = collect_answer(events)
+    done, text = answer.done, answer.text
+    calls = [_openai_tool_call(call, i) for i, call in enumerate(answer.calls)]
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-    if thoughts:
-        message["reasoning_content"] = "".join(thoughts)
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
     if calls:
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
     return {
@@ -524,7 +514,7 @@ def openai_sse_from_events(
         yield _stream_error_event(exc)
         return
     finally:
-        _close(iterator)
+        close_events(iterator)
     finish = _chat_finish_reason(done, calls_sent > 0)
     yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
     if include_usage:
@@ -576,7 +566,7 @@ def openai_text_sse_from_events(
         yield _stream_error_event(exc)
         return
     finally:
-        _close(iterator)
+        close_events(iterator)
     yield chunk([{"text": "", "index": 0, "finish_reason": _text_finish_reason(done), "logprobs": None}])
     if include_usage:
         yield chunk([], done.usage)
@@ -629,13 +619,6 @@ def _stream_error_event(exc: Exception) -> str:
         return _sse({"error": _error_object(exc.message, exc.status_code, exc.code)})
     _log.warning("stream ended by %s: %s", type(exc).__name__, sanitize(str(exc)))
     return _sse({"error": _error_object(STREAM_ERROR_MESSAGE, 500, None)})
-
-
-def _close(iterator: Iterator[ChatEvent]) -> None:
-    # Closing the source promptly stops the expert when the client goes away mid-stream.
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
 
 
 def _openai_tool_call(call: ToolCall, index: int) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from modules.chat_types import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    close_events,
+    collect_answer,
     name_tool_results,
 )
 from modules.errors import InvalidRequest, RequestError
@@ -43,6 +45,7 @@ from modules.openai_protocol import (
     arguments_from_openai,
     image_from_data_url,
     invalid_type,
+    model_from_openai,
     new_call_id,
     optional_bool,
     optional_int,
@@ -93,7 +96,7 @@ def responses_request_from_openai(body: object) -> ResponsesRequest:
         tools = None
     text_format, format_value = _format_from_responses(optional_object(body, "text"))
     chat = ChatRequest(
-        model=_model_from_responses(body),
+        model=model_from_openai(body),
         messages=messages,
         stream=optional_bool(body, "stream") or False,
         options=_options_from_responses(body),
@@ -123,15 +126,6 @@ def body_has_images(body: object) -> bool:
                for item in items if isinstance(item, dict)
                for key in ("content", "output") if isinstance(item.get(key), list)
                for part in item[key])
-
-
-def _model_from_responses(body: dict[str, Any]) -> str | None:
-    model = body.get("model")
-    if model is None:
-        return None
-    if not isinstance(model, str):
-        raise invalid_type("model", "a string", model)
-    return model or None
 
 
 def _messages_from_input(raw: object) -> list[Message]:
@@ -305,14 +299,14 @@ def new_response_id() -> str:
 def response_from_events(events: Iterable[ChatEvent], *, model: str, response_id: str, created: int,
                          echo: dict[str, Any]) -> dict[str, Any]:
     """A whole non-streamed `response` object from one answer's events."""
-    answer = _Answer(response_id)
-    done = Done()
-    for event in events:
-        if isinstance(event, Done):
-            done = event
-            break
-        answer.add(event)
-    return _response_object(response_id, model, created, echo, _status(done), answer.output(), done.usage)
+    answer = collect_answer(events)
+    suffix = response_id.removeprefix("resp_")
+    output = [_reasoning_item(f"rs_{suffix}", answer.thinking)] if answer.thinking else []
+    # Without text the message is still there when nothing else is, so `output_text` is "".
+    if answer.text or not answer.calls:
+        output.append(_message_item_out(f"msg_{suffix}", answer.text, "completed"))
+    output += [_function_call(call, f"fc_{suffix}_{i}", "completed") for i, call in enumerate(answer.calls)]
+    return _response_object(response_id, model, created, echo, _status(answer.done), output, answer.done.usage)
 
 
 def responses_sse_from_events(events: Iterable[ChatEvent], *, model: str, response_id: str, created: int,
@@ -338,39 +332,11 @@ def responses_sse_from_events(events: Iterable[ChatEvent], *, model: str, respon
         yield from writer.fail(exc)
         return
     finally:
-        _close(iterator)
+        close_events(iterator)
     yield from writer.close_open()
     status = _status(done)
     final = "response.completed" if status == "completed" else "response.incomplete"
     yield writer.event(final, {"response": writer.snapshot(status, done.usage)})
-
-
-class _Answer:
-    """Output items built up from events: reasoning, then the message, then function calls."""
-
-    def __init__(self, response_id: str) -> None:
-        self.suffix = response_id.removeprefix("resp_")
-        self.thinking: list[str] = []
-        self.text: list[str] = []
-        self.calls: list[dict[str, Any]] = []
-
-    def add(self, event: ChatEvent) -> None:
-        if isinstance(event, TextDelta):
-            self.text.append(event.text)
-        elif isinstance(event, ThinkingDelta):
-            self.thinking.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            self.calls.append(_function_call(event.call, f"fc_{self.suffix}_{len(self.calls)}", "completed"))
-
-    def output(self) -> list[dict[str, Any]]:
-        items = []
-        if self.thinking:
-            items.append(_reasoning_item(f"rs_{self.suffix}", "".join(self.thinking)))
-        text = "".join(self.text)
-        # Without text the message is still there when nothing else is, so `output_text` is "".
-        if text or not self.calls:
-            items.append(_message_item_out(f"msg_{self.suffix}", text, "completed"))
-        return items + self.calls
 
 
 class _StreamWriter:
@@ -517,13 +483,6 @@ def _reasoning_item(item_id: str, text: str | None) -> dict[str, Any]:
 def _function_call(call: ToolCall, item_id: str, status: str) -> dict[str, Any]:
     return {"type": "function_call", "id": item_id, "call_id": call.id or new_call_id(), "name": call.name,
             "arguments": _json(call.arguments), "status": status}
-
-
-def _close(iterator: Iterator[ChatEvent]) -> None:
-    # Closing the source promptly stops the expert when the client goes away mid-stream.
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
 
 
 def _json(value: object) -> str:
