@@ -47,7 +47,8 @@ from modules.rate_limit import init_rate_limit
 
 log = get_logger("server")
 # The routes whose requests may carry images, so their bodies may be up to server.max_image_body_bytes.
-IMAGE_ENDPOINTS = ("ollama_chat", "ollama_generate", "openai_chat_completions")
+IMAGE_ENDPOINTS = ("ollama_chat", "ollama_generate", "openai_chat_completions", "openai_responses",
+                   "anthropic_messages", "anthropic_count_tokens")
 
 
 def create_app(config: AppConfig | None = None) -> Flask:
@@ -130,6 +131,10 @@ def register_routes(app: Flask) -> None:
     add("/v1/chat/completions", "openai_chat_completions", views.openai_chat_completions, methods=["POST"])
     add("/v1/completions", "openai_completions", views.openai_completions, methods=["POST"])
     add("/v1/embeddings", "openai_embeddings", views.openai_embeddings, methods=["POST"])
+    add("/v1/responses", "openai_responses", views.openai_responses, methods=["POST"])
+    # Anthropic API (Claude Code with ANTHROPIC_BASE_URL)
+    add("/v1/messages", "anthropic_messages", views.anthropic_messages, methods=["POST"])
+    add("/v1/messages/count_tokens", "anthropic_count_tokens", views.anthropic_count_tokens, methods=["POST"])
     # LeMoE
     add("/v1/route", "lemoe_route", views.lemoe_route, methods=["POST"])
     # Operations: probes (free of the rate limit and API keys), metrics, the tuning page
@@ -141,14 +146,9 @@ def register_routes(app: Flask) -> None:
 
 
 def _error_response(err: RequestError) -> Any:
-    from modules.openai_protocol import is_openai_path, openai_error_body
+    from modules.error_bodies import error_body_for_path
 
-    if is_openai_path(request.path):
-        body, status = openai_error_body(err)
-    else:
-        from modules.ollama_protocol import ollama_error_body
-
-        body, status = ollama_error_body(err)
+    body, status = error_body_for_path(request.path, err)
     headers = {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(err.retry_after)

@@ -35,7 +35,6 @@ from modules.chat_types import (
     ChatRequest,
     Done,
     Message,
-    TextDelta,
     ToolCallDelta,
     Usage,
 )
@@ -52,6 +51,7 @@ from modules.openai_chunks import (
     parts_from_chunk,
     tool_call_from_parts,
 )
+from modules.think_tags import ThinkTagSplitter
 
 __all__ = ["GGUFBackend", "LoadedLlama", "load_llama", "parts_from_chunk", "tool_call_from_parts"]
 
@@ -200,6 +200,7 @@ def _generate(
     finish_reason: str | None = None
     text_parts: list[str] = []
     tool_calls = ToolCallAssembler()
+    inline_thinking = ThinkTagSplitter()
     with closing(chunks):
         while True:
             with map_llama_errors(ExpertStreamBroken, "generating"):
@@ -212,7 +213,8 @@ def _generate(
             tool_calls.add(fragments)
             if text:
                 text_parts.append(text)
-                yield TextDelta(text)
+                yield from inline_thinking.feed(text)
+    yield from inline_thinking.flush()
     calls = tool_calls.calls()
     for call in calls:
         yield ToolCallDelta(call)

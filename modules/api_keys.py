@@ -1,4 +1,5 @@
-"""Optional API keys: `Authorization: Bearer <key>` on every route but the probes.
+"""Optional API keys: `Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on every
+route but the probes.
 
 Off while no key is configured, as with Ollama. Keys come from the environment variable named by
 `auth.api_keys_env` (comma-separated) and from `auth.api_keys_file` (one key per line, `#` starts
@@ -65,7 +66,12 @@ def init_api_keys(app: Flask, auth: AuthConfig, project_dir: Path, respond: Resp
     def _require_key() -> Response | None:
         if is_open_request():
             return None
-        problem = key_problem(request.headers.get("Authorization"), accepted)
+        authorization = request.headers.get("Authorization")
+        # Anthropic clients (Claude Code with ANTHROPIC_API_KEY, the anthropic SDK) send the key
+        # in `x-api-key` instead; the same keys are accepted there.
+        if not authorization and request.headers.get("x-api-key"):
+            authorization = f"Bearer {request.headers['x-api-key']}"
+        problem = key_problem(authorization, accepted)
         if problem is None:
             return None
         log.warning("refused %s %s from %s: %s", request.method, sanitize(request.path, 100),

@@ -7,6 +7,7 @@ Nothing here knows about HTTP or JSON field names of either protocol.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -83,6 +84,18 @@ class ChatRequest:
         return [m.content for m in self.messages if m.role == "user"]
 
 
+def name_tool_results(messages: list[Message]) -> None:
+    """Give tool results the name of the call they answer (by call id), as Ollama's native API
+    wants it; the OpenAI, Anthropic and Responses APIs only send the id back."""
+    names: dict[str, str] = {}
+    for msg in messages:
+        for call in msg.tool_calls:
+            if call.id:
+                names[call.id] = call.name
+        if msg.role == "tool" and msg.tool_name is None and msg.tool_call_id in names:
+            msg.tool_name = names[msg.tool_call_id]
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts and timings of one answer (durations in nanoseconds, as Ollama reports)."""
@@ -129,6 +142,43 @@ class Done:
 
 
 ChatEvent = Union[TextDelta, ThinkingDelta, ToolCallDelta, Done]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A whole non-streamed answer: what the protocol adapters build their one JSON body from."""
+
+    text: str
+    thinking: str
+    calls: list[ToolCall]
+    done: Done
+
+
+def close_events(events: Iterable[ChatEvent]) -> None:
+    """Close an event source if it can be: closing promptly stops the expert when the client went
+    away mid-stream, instead of when the garbage collector gets to it."""
+    close = getattr(events, "close", None)
+    if close is not None:
+        close()
+
+
+def collect_answer(events: Iterable[ChatEvent]) -> Answer:
+    """Join one answer's events, up to its `Done` (a default one if the events end without it)."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    calls: list[ToolCall] = []
+    done = Done()
+    for event in events:
+        if isinstance(event, TextDelta):
+            texts.append(event.text)
+        elif isinstance(event, ThinkingDelta):
+            thoughts.append(event.text)
+        elif isinstance(event, ToolCallDelta):
+            calls.append(event.call)
+        elif isinstance(event, Done):
+            done = event
+            break
+    return Answer("".join(texts), "".join(thoughts), calls, done)
 
 # "utility" and "autocomplete": a client's task prompt or an editor's inline completion went to
 # the expert configured for it (router.utility_expert / router.autocomplete_expert).

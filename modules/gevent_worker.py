@@ -83,13 +83,12 @@ def _path_from_head(head: bytes | bytearray | None) -> str | None:
 
 def error_response_bytes(path: str, status: int, message: str) -> bytes:
     """A whole HTTP/1.1 error answer in the protocol of `path`; the connection closes after it."""
+    from modules.error_bodies import error_body_for_path
     from modules.errors import RequestError
-    from modules.ollama_protocol import ollama_error_body
-    from modules.openai_protocol import is_openai_path, openai_error_body
 
     err = RequestError(message)
     err.status_code = status  # type: ignore[misc]
-    body, _ = openai_error_body(err) if is_openai_path(path) else ollama_error_body(err)
+    body, _ = error_body_for_path(path, err)
     payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Connection: close",
             "Content-Type: application/json; charset=utf-8", f"Content-Length: {len(payload)}"]

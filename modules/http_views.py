@@ -14,12 +14,14 @@ from typing import Any
 
 from flask import Response, current_app, request
 
+from modules import anthropic_protocol as anthropic
 from modules import embedding_protocol as embedding
 from modules import metrics
 from modules.body_limit import check_text_body
 from modules import ollama_protocol as ollama
 from modules import openai_protocol as openai
-from modules.capabilities import request_needs, require_capable, route_capable
+from modules import responses_protocol as responses
+from modules.capabilities import estimate_prompt_tokens, request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
 from modules.embedding_runner import EmbeddingRunner
@@ -342,6 +344,40 @@ def openai_embeddings() -> Response:
 
 def _response_model_name(model: str | None) -> str:
     return model or "lemoe"
+
+
+def openai_responses() -> Response:
+    parsed = responses.responses_request_from_openai(read_json_body(responses.body_has_images))
+    req = parsed.chat
+    model, rid, created = _response_model(req), responses.new_response_id(), int(time.time())
+    return answer_chat(
+        req,
+        stream_format=lambda events: responses.responses_sse_from_events(
+            events, model=model, response_id=rid, created=created, echo=parsed.echo),
+        body_format=lambda events: responses.response_from_events(
+            events, model=model, response_id=rid, created=created, echo=parsed.echo),
+        mimetype="text/event-stream",
+    )
+
+
+# --- Anthropic API -----------------------------------------------------------------------------
+
+def anthropic_messages() -> Response:
+    req = anthropic.chat_request_from_anthropic(read_json_body(anthropic.body_has_images))
+    model, message_id = _response_model(req), anthropic.new_message_id()
+    return answer_chat(
+        req,
+        stream_format=lambda events: anthropic.anthropic_sse_from_events(events, model=model, message_id=message_id),
+        body_format=lambda events: anthropic.anthropic_message_from_events(events, model=model, message_id=message_id),
+        mimetype="text/event-stream",
+    )
+
+
+def anthropic_count_tokens() -> Response:
+    """The prompt's size by the same estimate routing uses to fit prompts into context windows
+    (characters / 4): no tokenizer of the expert that would answer is at hand."""
+    req = anthropic.chat_request_from_anthropic(read_json_body(anthropic.body_has_images), require_max_tokens=False)
+    return json_response({"input_tokens": estimate_prompt_tokens(req)})
 
 
 # --- LeMoE's own -------------------------------------------------------------------------------

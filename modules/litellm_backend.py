@@ -48,6 +48,7 @@ from modules.errors import (
     InvalidRequest,
 )
 from modules.openai_chunks import ToolCallAssembler, parts_from_chunk
+from modules.openai_protocol import effort_from_think
 
 # LiteLLM reads this at import: "True" means the cost map bundled in the package, no download.
 LOCAL_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
@@ -310,6 +311,11 @@ def litellm_arguments_from_request(request: ChatRequest) -> dict[str, Any]:
         }
     elif request.format:
         raise InvalidRequest('format must be "json" or a JSON schema object')
+    # LiteLLM maps reasoning_effort onto each provider's own switch (Ollama's think, Anthropic's
+    # thinking budget, ...) and, with drop_params, leaves it out where a provider has none.
+    effort = effort_from_think(request.think)
+    if effort is not None:
+        arguments["reasoning_effort"] = effort
     return arguments
 
 

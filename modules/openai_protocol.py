@@ -41,6 +41,9 @@ from modules.chat_types import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    close_events,
+    collect_answer,
+    name_tool_results,
 )
 from modules.errors import ExpertStreamBroken, InvalidRequest, RequestError
 from modules.logger import get_logger, sanitize
@@ -113,17 +116,17 @@ def chat_request_from_openai(body: object) -> ChatRequest:
     if not raw_messages:
         raise InvalidRequest("[] is too short - 'messages'")
     messages = [_message_from_openai(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
-    _fill_tool_names(messages)
-    stream_options = _optional_object(body, "stream_options")
+    name_tool_results(messages)
+    stream_options = optional_object(body, "stream_options")
     return ChatRequest(
-        model=_model_from_openai(body),
+        model=model_from_openai(body),
         messages=messages,
-        stream=_optional_bool(body, "stream") or False,
+        stream=optional_bool(body, "stream") or False,
         options=_options_from_openai(body),
         tools=_tools_from_openai(body),
         format=_format_from_openai(body),
-        think=_think_from_openai(body),
-        include_usage=bool(stream_options and _optional_bool(stream_options, "include_usage", "stream_options.")),
+        think=think_from_openai(body),
+        include_usage=bool(stream_options and optional_bool(stream_options, "include_usage", "stream_options.")),
     )
 
 
@@ -141,19 +144,19 @@ def body_has_images(body: object) -> bool:
 def completion_request_from_openai(body: object) -> ChatRequest:
     """Validate a parsed legacy `/v1/completions` body and convert it. Raises `InvalidRequest`."""
     body = require_object(body, "body")
-    stream_options = _optional_object(body, "stream_options")
+    stream_options = optional_object(body, "stream_options")
     suffix = body.get("suffix")
     if suffix is not None and not isinstance(suffix, str):
         raise invalid_type("suffix", "a string", suffix)
     return ChatRequest(
-        model=_model_from_openai(body),
+        model=model_from_openai(body),
         messages=[],
-        stream=_optional_bool(body, "stream") or False,
+        stream=optional_bool(body, "stream") or False,
         options=_options_from_openai(body),
         kind="completion",
         prompt=_prompt_from_openai(body),
         suffix=suffix or None,
-        include_usage=bool(stream_options and _optional_bool(stream_options, "include_usage", "stream_options.")),
+        include_usage=bool(stream_options and optional_bool(stream_options, "include_usage", "stream_options.")),
     )
 
 
@@ -169,7 +172,7 @@ def _prompt_from_openai(body: dict[str, Any]) -> str:
     raise InvalidRequest("Invalid value for 'prompt': expected a string or a list holding exactly one string.")
 
 
-def _model_from_openai(body: dict[str, Any]) -> str | None:
+def model_from_openai(body: dict[str, Any]) -> str | None:
     model = body.get("model")
     if model is None:
         return None
@@ -226,14 +229,14 @@ def _content_from_openai(content: object, where: str) -> tuple[str, list[str]]:
                 raise invalid_type(f"{where}[{i}].text", "a string", text)
             texts.append(text)
         elif kind == "image_url":
-            images.append(_image_from_part(part.get("image_url"), f"{where}[{i}].image_url"))
+            images.append(image_from_data_url(part.get("image_url"), f"{where}[{i}].image_url"))
         elif not isinstance(kind, str):
             raise invalid_type(f"{where}[{i}].type", "a string", kind)
         # Audio, files and refusals have no place in the internal message: ignored on purpose.
     return "\n".join(texts), images
 
 
-def _image_from_part(image_url: object, where: str) -> str:
+def image_from_data_url(image_url: object, where: str) -> str:
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
         raise invalid_type(f"{where}.url", "a string", url)
@@ -269,11 +272,11 @@ def _tool_call_from_function(raw: object, where: str, call_id: str | None, index
     if not isinstance(name, str) or not name:
         raise InvalidRequest(f"Invalid value for '{where}.name': expected a non-empty string.")
     return ToolCall(
-        name=name, arguments=_arguments_from_openai(function.get("arguments"), where), id=call_id, index=index
+        name=name, arguments=arguments_from_openai(function.get("arguments"), where), id=call_id, index=index
     )
 
 
-def _arguments_from_openai(raw: object, where: str) -> dict[str, Any]:
+def arguments_from_openai(raw: object, where: str) -> dict[str, Any]:
     # Some clients send "" (or nothing) for a call without arguments, and a few send the object.
     if raw is None or raw == "":
         return {}
@@ -290,37 +293,26 @@ def _arguments_from_openai(raw: object, where: str) -> dict[str, Any]:
     return parsed
 
 
-def _fill_tool_names(messages: list[Message]) -> None:
-    """Give tool results the name of the call they answer, as Ollama's native API wants it."""
-    names: dict[str, str] = {}
-    for msg in messages:
-        for call in msg.tool_calls:
-            if call.id:
-                names[call.id] = call.name
-        if msg.role == "tool" and msg.tool_name is None and msg.tool_call_id in names:
-            msg.tool_name = names[msg.tool_call_id]
-
-
 def _options_from_openai(body: dict[str, Any]) -> dict[str, Any]:
     """Sampling fields under Ollama's option names (`ChatRequest.options`)."""
     options: dict[str, Any] = {}
     for key, (low, high) in _NUMBER_OPTIONS.items():
-        value = _optional_number(body, key)
+        value = optional_number(body, key)
         if value is not None:
             if not low <= value <= high:
                 raise InvalidRequest(f"Invalid value for '{key}': must be between {low:g} and {high:g}.")
             options[key] = value
     # max_completion_tokens replaced max_tokens; Open WebUI and Continue send either.
     for key in ("max_tokens", "max_completion_tokens"):
-        value = _optional_int(body, key)
+        value = optional_int(body, key)
         if value is not None:
             if value < 0:
                 raise InvalidRequest(f"Invalid value for '{key}': must be a non-negative integer.")
             options["num_predict"] = value
-    seed = _optional_int(body, "seed")
+    seed = optional_int(body, "seed")
     if seed is not None:
         options["seed"] = seed
-    n = _optional_int(body, "n")
+    n = optional_int(body, "n")
     if n is not None and n != 1:
         raise InvalidRequest("Invalid value for 'n': only n=1 is supported.")
     stop = _stop_from_openai(body.get("stop"))
@@ -352,7 +344,7 @@ def _tools_from_openai(body: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 def _format_from_openai(body: dict[str, Any]) -> str | dict[str, Any] | None:
-    response_format = _optional_object(body, "response_format")
+    response_format = optional_object(body, "response_format")
     if response_format is None:
         return None
     kind = response_format.get("type")
@@ -373,9 +365,9 @@ def _format_from_openai(body: dict[str, Any]) -> str | dict[str, Any] | None:
     raise InvalidRequest("Invalid value for 'response_format.type': must be 'text', 'json_object' or 'json_schema'.")
 
 
-def _think_from_openai(body: dict[str, Any]) -> bool | str | None:
+def think_from_openai(body: dict[str, Any]) -> bool | str | None:
     # Ollama reads `reasoning.effort` first, then `reasoning_effort`.
-    reasoning = _optional_object(body, "reasoning")
+    reasoning = optional_object(body, "reasoning")
     field, effort = "reasoning_effort", body.get("reasoning_effort")
     if reasoning is not None and reasoning.get("effort") is not None:
         field, effort = "reasoning.effort", reasoning.get("effort")
@@ -395,21 +387,21 @@ def require_object(value: object, where: str) -> dict[str, Any]:
     return value
 
 
-def _optional_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
+def optional_object(body: dict[str, Any], key: str) -> dict[str, Any] | None:
     value = body.get(key)
     if value is None:
         return None
     return require_object(value, key)
 
 
-def _optional_bool(body: dict[str, Any], key: str, prefix: str = "") -> bool | None:
+def optional_bool(body: dict[str, Any], key: str, prefix: str = "") -> bool | None:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
         raise invalid_type(prefix + key, "a boolean", value)
     return value
 
 
-def _optional_number(body: dict[str, Any], key: str) -> float | None:
+def optional_number(body: dict[str, Any], key: str) -> float | None:
     value = body.get(key)
     if value is None:
         return None
@@ -419,7 +411,7 @@ def _optional_number(body: dict[str, Any], key: str) -> float | None:
     return value
 
 
-def _optional_int(body: dict[str, Any], key: str) -> int | None:
+def optional_int(body: dict[str, Any], key: str) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -457,7 +449,7 @@ def new_completion_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-def _new_call_id() -> str:
+def new_call_id() -> str:
     return f"call_{secrets.token_hex(12)}"
 
 
@@ -465,24 +457,12 @@ def openai_completion_from_events(
     events: Iterable[ChatEvent], *, model: str, completion_id: str, created: int
 ) -> dict[str, Any]:
     """A whole non-streamed `chat.completion` object from one answer's events."""
-    texts: list[str] = []
-    thoughts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    done = Done()
-    for event in events:
-        if isinstance(event, TextDelta):
-            texts.append(event.text)
-        elif isinstance(event, ThinkingDelta):
-            thoughts.append(event.text)
-        elif isinstance(event, ToolCallDelta):
-            calls.append(_openai_tool_call(event.call, len(calls)))
-        elif isinstance(event, Done):
-            done = event
-            break
-    text = "".join(texts)
+    answer = collect_answer(events)
+    done, text = answer.done, answer.text
+    calls = [_openai_tool_call(call, i) for i, call in enumerate(answer.calls)]
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
-    if thoughts:
-        message["reasoning_content"] = "".join(thoughts)
+    if answer.thinking:
+        message["reasoning_content"] = answer.thinking
     if calls:
         message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
     return {
@@ -534,7 +514,7 @@ def openai_sse_from_events(
         yield _stream_error_event(exc)
         return
     finally:
-        _close(iterator)
+        close_events(iterator)
     finish = _chat_finish_reason(done, calls_sent > 0)
     yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}])
     if include_usage:
@@ -586,7 +566,7 @@ def openai_text_sse_from_events(
         yield _stream_error_event(exc)
         return
     finally:
-        _close(iterator)
+        close_events(iterator)
     yield chunk([{"text": "", "index": 0, "finish_reason": _text_finish_reason(done), "logprobs": None}])
     if include_usage:
         yield chunk([], done.usage)
@@ -641,18 +621,11 @@ def _stream_error_event(exc: Exception) -> str:
     return _sse({"error": _error_object(STREAM_ERROR_MESSAGE, 500, None)})
 
 
-def _close(iterator: Iterator[ChatEvent]) -> None:
-    # Closing the source promptly stops the expert when the client goes away mid-stream.
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
-
-
 def _openai_tool_call(call: ToolCall, index: int) -> dict[str, Any]:
     # The position in this answer, not the backend's index: clients assemble deltas by index.
     return {
         "index": index,
-        "id": call.id or _new_call_id(),
+        "id": call.id or new_call_id(),
         "type": "function",
         "function": {"name": call.name, "arguments": _json(call.arguments)},
     }
@@ -704,7 +677,7 @@ def openai_chat_body_from_request(request: ChatRequest, model_name: str) -> dict
         body["response_format"] = {"type": "json_object"}
     elif isinstance(request.format, dict):
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": "response", "schema": request.format}}
-    effort = _effort_from_think(request.think)
+    effort = effort_from_think(request.think)
     if effort is not None:
         body["reasoning_effort"] = effort
     return body
@@ -801,7 +774,7 @@ def _openai_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _effort_from_think(think: bool | str | None) -> str | None:
+def effort_from_think(think: bool | str | None) -> str | None:
     # Only explicit levels are sent: many upstreams reject unknown or "none" efforts, and a bare
     # True/False has no OpenAI spelling that every server accepts.
     if isinstance(think, str) and think in ("low", "medium", "high", "max"):

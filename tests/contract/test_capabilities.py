@@ -295,3 +295,40 @@ def test_fallback_path_respects_tools_and_still_answers_what_the_fallback_can(
     reply = ollama_client.chat(model="lemoe", messages=question, format="json", options={"num_predict": 8})
     assert seen["X-LeMoE-Expert"] == "fallback"
     assert reply.message.content and reply.message.content.lstrip().startswith("{")
+
+
+# --- the Anthropic and Responses APIs route by the same capabilities --------------------------------
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_image_and_tools_go_only_to_capable_experts(url: str, fake_upstream: FakeUpstream,
+                                                              stream: bool) -> None:
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG_B64}}
+    raw = client.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=32, stream=stream,
+                                                   messages=[{"role": "user", "content": [
+                                                       {"type": "text", "text": CODE_AND_PHOTO}, image]}])
+    assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == ("eyes", "capability")
+    list(raw.parse()) if stream else raw.parse()
+    tool = {"name": "get_weather", "input_schema": TOOL["function"]["parameters"]}  # type: ignore[index]
+    raw = client.messages.with_raw_response.create(model="lemoe", max_tokens=32, stream=stream, tools=[tool],
+                                                   messages=[{"role": "user", "content": "what is in this picture"}])
+    assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == ("coder", "capability")
+    list(raw.parse()) if stream else raw.parse()
+    assert models_reached(fake_upstream) == ["eyes-model", "coder-model"]
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model="lemoe", max_tokens=32, messages=[{"role": "user", "content": "hi"}],
+                               thinking={"type": "enabled", "budget_tokens": 1024})
+    assert info.value.body["error"] == {"type": "invalid_request_error",
+                                        "message": '"lemoe:latest" does not support thinking'}
+
+
+def test_responses_image_goes_only_to_a_vision_expert(openai_client: openai.OpenAI,
+                                                      fake_upstream: FakeUpstream) -> None:
+    raw = openai_client.responses.with_raw_response.create(model="lemoe", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": CODE_AND_PHOTO},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{PNG_B64}", "detail": "auto"}]}])
+    assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == ("eyes", "capability")
+    assert raw.parse().output_text == "Hello from eyes-model"
+    assert models_reached(fake_upstream) == ["eyes-model"]

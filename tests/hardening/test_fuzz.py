@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tests.contract.conftest import LiveServer
 from tests.hardening.conftest import call_from
-from tests.hardening.test_hostile_requests import OPENAI_TYPES, assert_no_leak
+from tests.hardening.test_hostile_requests import ANTHROPIC_TYPES, OPENAI_TYPES, assert_no_leak
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -41,6 +41,12 @@ options = mostly(st.fixed_dictionaries({}, optional={
 # Models that exist, the router's name, and junk: answers come from the fake upstream either way.
 models = mostly(st.sampled_from(["lemoe", "coder", "coder:latest", "writer", "fallback", "nope", "", "LEMOE"]))
 stream = mostly(st.booleans())
+text_block = st.fixed_dictionaries({"type": mostly(st.just("text")), "text": mostly(short_text)})
+anthropic_message = st.fixed_dictionaries({"role": mostly(st.sampled_from(["user", "assistant"])),
+                                           "content": mostly(short_text | st.lists(text_block, max_size=2))})
+input_text = st.fixed_dictionaries({"type": mostly(st.just("input_text")), "text": mostly(short_text)})
+responses_item = st.fixed_dictionaries({"role": mostly(roles),
+                                        "content": mostly(short_text | st.lists(input_text, max_size=2))})
 
 
 def body_for(route: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -55,7 +61,8 @@ def body_for(route: str) -> st.SearchStrategy[dict[str, Any]]:
                      "n": mostly(st.just(1)), "user": mostly(short_text)}
     required = {"/api/chat": ("model", "messages"), "/api/generate": ("model", "prompt"), "/api/show": ("model",),
                 "/v1/chat/completions": ("messages",), "/v1/completions": ("prompt",), "/v1/route": ("messages",),
-                "/api/embed": ("model",), "/api/embeddings": ("model",), "/v1/embeddings": ("input",)}
+                "/api/embed": ("model",), "/api/embeddings": ("model",), "/v1/embeddings": ("input",),
+                "/v1/messages": ("messages", "max_tokens"), "/v1/responses": ("input",)}
     texts = short_text | st.lists(short_text, max_size=3)
     tokens = st.lists(st.integers(-1, 50_000), min_size=1, max_size=4)
     fields = {
@@ -82,6 +89,22 @@ def body_for(route: str) -> st.SearchStrategy[dict[str, Any]]:
         "/v1/embeddings": {"model": models, "input": texts | tokens | st.lists(tokens, max_size=2) | json_values,
                            "encoding_format": mostly(st.sampled_from(["float", "base64", "FLOAT", "hex"])),
                            "dimensions": mostly(st.integers(-2, 600)), "user": mostly(short_text)},
+        "/v1/messages": {"model": models, "stream": stream, "max_tokens": mostly(st.integers(1, 20)),
+                         "messages": mostly(st.lists(anthropic_message, min_size=1, max_size=3)),
+                         "system": mostly(short_text | st.lists(st.fixed_dictionaries(
+                             {"type": st.just("text"), "text": short_text}), max_size=2)),
+                         "temperature": mostly(st.floats(0, 1)), "top_p": mostly(st.floats(0, 1)),
+                         "top_k": mostly(st.integers(0, 50)), "stop_sequences": mostly(st.lists(short_text, max_size=2)),
+                         "tools": mostly(st.just([])), "tool_choice": mostly(st.sampled_from([{"type": "auto"},
+                                                                                             {"type": "none"}])),
+                         "thinking": mostly(st.sampled_from([{"type": "disabled"},
+                                                             {"type": "enabled", "budget_tokens": 1024}]))},
+        "/v1/responses": {"model": models, "stream": stream, "instructions": mostly(short_text),
+                          "input": mostly(short_text | st.lists(responses_item, min_size=1, max_size=3)),
+                          "max_output_tokens": mostly(st.integers(1, 20)), "temperature": mostly(st.floats(0, 2)),
+                          "top_p": mostly(st.floats(0, 1)), "tools": mostly(st.just([])),
+                          "text": mostly(st.just({"format": {"type": "text"}})),
+                          "reasoning": mostly(st.sampled_from([{"effort": "low"}, {"effort": "none"}]))},
     }[route]
     extra = st.dictionaries(st.text(max_size=10), json_values, max_size=2)
     present = {name: fields.pop(name) for name in required[route]}
@@ -95,7 +118,10 @@ def assert_well_formed(route: str, r: requests.Response) -> None:
     assert_no_leak(text)
     if r.status_code != 200:
         body = r.json()
-        if route.startswith("/v1"):
+        if route == "/v1/messages" or route.startswith("/v1/messages/"):
+            assert set(body) == {"type", "error"} and set(body["error"]) == {"type", "message"}
+            assert body["error"]["type"] == ANTHROPIC_TYPES[r.status_code] and body["error"]["message"]
+        elif route.startswith("/v1"):
             assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
             assert body["error"]["type"] == OPENAI_TYPES[r.status_code] and body["error"]["message"]
         else:
@@ -105,6 +131,12 @@ def assert_well_formed(route: str, r: requests.Response) -> None:
     if kind.startswith("application/x-ndjson"):
         lines = [json.loads(line) for line in text.splitlines() if line]
         assert lines and (lines[-1].get("done") is True or set(lines[-1]) == {"error"})
+    elif kind.startswith("text/event-stream") and route in ("/v1/messages", "/v1/responses"):
+        # Named events: `event: <type>` then `data: {"type": "<type>", ...}`.
+        events = [e.split("\n") for e in text.split("\n\n") if e]
+        names = [head.removeprefix("event: ") for head, _ in events]
+        assert all(json.loads(data.removeprefix("data: "))["type"] == name for name, (_, data) in zip(names, events))
+        assert names[-1] in ("message_stop", "error", "response.completed", "response.incomplete", "response.failed")
     elif kind.startswith("text/event-stream"):
         events = [e for e in text.split("\n\n") if e]
         assert events and all(e.startswith("data: ") for e in events)
@@ -161,15 +193,23 @@ def test_fuzz_embeddings(open_server: LiveServer, route: str, data: st.DataObjec
 
 
 @FUZZ
+@given(route=st.sampled_from(["/v1/messages", "/v1/responses"]), data=st.data())
+def test_fuzz_anthropic_and_responses(open_server: LiveServer, route: str, data: st.DataObject) -> None:
+    body = data.draw(body_for(route))
+    assert_well_formed(route, send(open_server, "POST", route, json=body))
+
+
+@FUZZ
 @given(route=st.sampled_from(["/api/chat", "/api/generate", "/api/show", "/v1/chat/completions",
                               "/v1/completions", "/v1/route", "/api/embed", "/api/embeddings",
-                              "/v1/embeddings"]), raw=st.binary(max_size=300))
+                              "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"]),
+       raw=st.binary(max_size=300))
 def test_fuzz_raw_bytes(open_server: LiveServer, route: str, raw: bytes) -> None:
     assert_well_formed(route, send(open_server, "POST", route, data=raw))
 
 
 @FUZZ
-@given(prefix=st.sampled_from(["/", "/api/", "/v1/", "/v1/models/"]),
+@given(prefix=st.sampled_from(["/", "/api/", "/v1/", "/v1/models/", "/v1/messages/", "/v1/responses/"]),
        rest=st.text(st.characters(codec="utf-8", exclude_characters="?#"), max_size=40),
        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]))
 def test_fuzz_paths_and_methods(open_server: LiveServer, prefix: str, rest: str, method: str) -> None:

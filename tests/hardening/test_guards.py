@@ -135,7 +135,8 @@ KEY_CASES = {
     "key-in-query-only": ({}, "missing API key: send 'Authorization: Bearer <key>'"),
 }
 KEYED_ROUTES = [("GET", "/api/tags"), ("GET", "/v1/models"), ("POST", "/api/chat"), ("POST", "/v1/chat/completions"),
-                ("GET", "/api/version"), ("GET", "/no/such/route"), ("GET", "/v1/no/such/route")]
+                ("GET", "/api/version"), ("GET", "/no/such/route"), ("GET", "/v1/no/such/route"),
+                ("POST", "/v1/messages"), ("POST", "/v1/responses")]
 
 
 @pytest.mark.parametrize("case", list(KEY_CASES))
@@ -156,6 +157,17 @@ def test_every_configured_key_is_accepted(keyed: LiveServer, key: str) -> None:
     assert reply.status == 200 and reply.json()["message"]["content"] == "Hello from fallback-model"
     lowercase = call_from("127.0.5.2", keyed.url, "GET", "/v1/models", {"Authorization": f"bearer {key}"})
     assert lowercase.status == 200
+
+
+def test_anthropic_clients_may_send_the_key_in_x_api_key(keyed: LiveServer) -> None:
+    import anthropic
+
+    body = {"model": "lemoe", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    client = anthropic.Anthropic(base_url=keyed.url, api_key=FILE_KEY, max_retries=0)
+    assert client.messages.create(**body).content[0].text == "Hello from fallback-model"  # type: ignore[arg-type]
+    wrong = call_from("127.0.5.5", keyed.url, "POST", "/v1/messages", {"x-api-key": "guessed"},
+                      json.dumps(body).encode())
+    assert wrong.status == 401 and wrong.json() == expected_error("/v1/messages", 401, "invalid API key")
 
 
 @pytest.mark.parametrize("method,path", [("GET", "/"), ("HEAD", "/")])

@@ -1,6 +1,7 @@
 """Hostile requests against a live server: every case asserts the exact status and the exact error
-body in the protocol of the route (`{"error": "..."}` on Ollama routes, the OpenAI error object on
-/v1/*), and that no traceback or internal path leaks.
+body in the protocol of the route (`{"error": "..."}` on Ollama routes, Anthropic's error object on
+/v1/messages, the OpenAI error object on the rest of /v1/*), and that no traceback or internal
+path leaks.
 
 Cases: malformed and truncated JSON, non-object bodies, a wrong type in each field of each API,
 huge and deeply nested bodies, invalid UTF-8, control/ANSI characters and traversal in looked-up
@@ -22,10 +23,14 @@ OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 404: "not_found_error", 405: "invalid_request_error", 408: "api_error",
                 413: "invalid_request_error", 414: "invalid_request_error", 429: "rate_limit_error",
                 431: "invalid_request_error", 501: "api_error", 503: "api_error"}
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                   405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
+                   503: "overloaded_error"}
 POST_ROUTES = ("/api/chat", "/api/generate", "/api/show", "/v1/chat/completions", "/v1/completions", "/v1/route",
-               "/api/embed", "/api/embeddings", "/v1/embeddings")
+               "/api/embed", "/api/embeddings", "/v1/embeddings", "/v1/messages", "/v1/messages/count_tokens",
+               "/v1/responses")
 INFERENCE_ROUTES = ("/api/chat", "/api/generate", "/v1/chat/completions", "/v1/completions",
-                    "/api/embed", "/api/embeddings", "/v1/embeddings")
+                    "/api/embed", "/api/embeddings", "/v1/embeddings", "/v1/messages", "/v1/responses")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Case:
 
 def expected_error(path: str, status: int, message: str, code: str | None = None) -> dict[str, Any]:
     """The exact error body a client of that route must get."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES[status], "message": message}}
     if path.startswith("/v1/") or path == "/v1":
         return {"error": {"message": message, "type": OPENAI_TYPES[status], "param": None, "code": code}}
     return {"error": message}
@@ -194,6 +201,59 @@ CASES += [Case(f"openai-completion-{name}-{i}", "POST", "/v1/completions",
                as_json({**OPENAI_COMPLETION, name: value}), 400, message)
           for i, (name, value, message) in enumerate(OPENAI_COMPLETION_FIELDS)]
 
+ANTHROPIC = {"model": "claude", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+ANTHROPIC_FIELDS: list[tuple[str, Any, str]] = [
+    ("model", 5, openai_type_error("model", "a string", "an integer")),
+    ("max_tokens", None, "max_tokens: Field required"),
+    ("max_tokens", "64", openai_type_error("max_tokens", "an integer", "a string")),
+    ("max_tokens", 0, "max_tokens: must be at least 1"),
+    ("messages", None, "messages: Field required"),
+    ("messages", "hi", openai_type_error("messages", "an array", "a string")),
+    ("messages", [], "messages: at least one message is required"),
+    ("messages", [{"role": "system", "content": "x"}], "messages.0.role: must be 'user' or 'assistant'"),
+    ("messages", [{"role": "user", "content": 5}],
+     openai_type_error("messages.0.content", "a string or an array of content blocks", "an integer")),
+    ("messages", [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://169.254.169.254/"}}]}],
+     "messages.0.content.0.source.type: only 'base64' image sources are supported"),
+    ("system", 5, openai_type_error("system", "a string or an array of text blocks", "an integer")),
+    ("temperature", "hot", openai_type_error("temperature", "a number", "a string")),
+    ("temperature", 2, "temperature: must be between 0 and 1"),
+    ("top_k", 1.5, openai_type_error("top_k", "an integer", "a number")),
+    ("stop_sequences", "END", openai_type_error("stop_sequences", "an array of strings", "a string")),
+    ("stream", "yes", openai_type_error("stream", "a boolean", "a string")),
+    ("tools", {"name": "x"}, openai_type_error("tools", "an array", "an object")),
+    ("tool_choice", {"type": "sometimes"}, "tool_choice.type: must be one of 'auto', 'any', 'tool', 'none'"),
+    ("thinking", {"type": "enabled"},
+     "thinking.budget_tokens: required, a positive integer, when thinking is enabled"),
+]
+CASES += [Case(f"anthropic-{name}-{i}", "POST", "/v1/messages",
+               as_json({k: v for k, v in {**ANTHROPIC, name: value}.items() if v is not None}), 400, message)
+          for i, (name, value, message) in enumerate(ANTHROPIC_FIELDS)]
+
+RESPONSES = {"model": "lemoe", "input": "hi"}
+RESPONSES_FIELDS: list[tuple[str, Any, str]] = [
+    ("model", 5, openai_type_error("model", "a string", "an integer")),
+    ("input", None, "Missing required parameter: 'input'."),
+    ("input", 5, openai_type_error("input", "a string or an array of input items", "an integer")),
+    ("input", [], "Invalid 'input': empty array. Expected at least one input item."),
+    ("input", [{"type": "mystery"}], "Invalid value for 'input[0].type': unknown input item type 'mystery'."),
+    ("input", [{"role": "user", "content": [{"type": "input_image", "image_url": "http://169.254.169.254/x"}]}],
+     "Invalid value for 'input[0].content[0].image_url.url': only base64 'data:' URLs are supported."),
+    ("instructions", ["x"], openai_type_error("instructions", "a string", "an array")),
+    ("temperature", "hot", openai_type_error("temperature", "a number", "a string")),
+    ("max_output_tokens", "10", openai_type_error("max_output_tokens", "an integer", "a string")),
+    ("stream", "yes", openai_type_error("stream", "a boolean", "a string")),
+    ("tools", "x", openai_type_error("tools", "an array", "a string")),
+    ("text", "json", openai_type_error("text", "an object", "a string")),
+    ("reasoning", {"effort": "huge"}, "Invalid value for 'reasoning.effort': must be one of 'none', 'minimal', "
+                                      "'low', 'medium', 'high', 'xhigh'."),
+    ("previous_response_id", "resp_1", "'previous_response_id' is not supported: LeMoE does not store responses; "
+                                       "send the whole conversation in 'input'."),
+]
+CASES += [Case(f"responses-{name}-{i}", "POST", "/v1/responses",
+               as_json({k: v for k, v in {**RESPONSES, name: value}.items() if v is not None}), 400, message)
+          for i, (name, value, message) in enumerate(RESPONSES_FIELDS)]
+
 CASES += [Case(f"show-model-{i}", "POST", "/api/show", as_json({"model": value}), 400, "model is required")
           for i, value in enumerate([5, None, ["x"], {}])]
 CASES += [
@@ -213,7 +273,8 @@ DEEP = {
     "in-content": b'{"messages": [{"role": "user", "content": ' + b"[" * 30_000 + b"]" * 30_000 + b"}]}",
 }
 CASES += [Case(f"deep-{name}-{slug(route)}", "POST", route, body, 400, "invalid JSON: nested too deeply")
-          for route in ("/api/chat", "/v1/chat/completions", "/api/generate") for name, body in DEEP.items()]
+          for route in ("/api/chat", "/v1/chat/completions", "/api/generate", "/v1/messages", "/v1/responses")
+          for name, body in DEEP.items()]
 
 # --- invalid UTF-8 --------------------------------------------------------------------------------
 
@@ -243,7 +304,8 @@ CASES += [
 
 UNKNOWN_PATHS = ("/api/pull", "/api/push", "/api/delete", "/api/create", "/api/copy",
                  "/v1/images/generations", "/v1/audio/speech", "/admin",
-                 "/.env", "/api", "/v1", "/api/chat/extra", "/v1/chat", "/%2e%2e/%2e%2e/etc/passwd")
+                 "/.env", "/api", "/v1", "/api/chat/extra", "/v1/chat", "/%2e%2e/%2e%2e/etc/passwd",
+                 "/v1/messages/batches", "/v1/responses/resp_1")
 for path in UNKNOWN_PATHS:
     shown = path.replace("%2e", ".")
     CASES += [Case(f"unknown-{method}-{slug(path)}", method, path, as_json(OPENAI_CHAT) if method == "POST" else None,
@@ -253,7 +315,9 @@ WRONG_METHODS = {"/api/chat": ("GET", "PUT", "DELETE", "PATCH"),
                  "/api/generate": ("GET",), "/api/show": ("GET",), "/v1/completions": ("GET",), "/v1/route": ("GET",),
                  "/api/tags": ("POST", "DELETE"), "/v1/models": ("POST", "DELETE"), "/api/version": ("POST",),
                  "/api/ps": ("POST",), "/": ("POST", "DELETE"),
-                 "/api/embed": ("GET",), "/api/embeddings": ("GET",), "/v1/embeddings": ("GET", "PUT")}
+                 "/api/embed": ("GET",), "/api/embeddings": ("GET",), "/v1/embeddings": ("GET", "PUT"),
+                 "/v1/messages": ("GET", "DELETE"), "/v1/messages/count_tokens": ("GET",),
+                 "/v1/responses": ("GET", "PUT")}
 CASES += [Case(f"method-{method}-{slug(path)}", method, path, None, 405, f"method {method} not allowed on {path}")
           for path, methods in WRONG_METHODS.items() for method in methods]
 

@@ -96,6 +96,12 @@ WITH_PHOTO = {
     "/v1/chat/completions": {"model": "writer", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is in this photo?"},
         {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{PHOTO}"}}]}]},
+    "/v1/messages": {"model": "writer", "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is in this photo?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": PHOTO}}]}]},
+    "/v1/responses": {"model": "writer", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "what is in this photo?"},
+        {"type": "input_image", "image_url": f"data:image/jpeg;base64,{PHOTO}"}]}]},
 }
 IMAGE_LIMIT_MESSAGE = (f"request body is larger than {MAX_IMAGE_BODY} bytes, the limit for requests that may carry "
                        "images; raise server.max_image_body_bytes to accept it")
@@ -119,6 +125,8 @@ def test_text_over_the_text_limit_is_refused_on_image_routes_too(open_server: Li
     text_only = {key: value for key, value in body.items() if key != "images"}
     if "messages" in body:
         text_only["messages"] = [{"role": "user", "content": "x" * 2_000_000}]
+    elif "input" in body:
+        text_only["input"] = "x" * 2_000_000
     else:
         text_only["prompt"] = "x" * 2_000_000
     reply = requests.post(open_server.url + route, json=text_only, timeout=60)

@@ -24,7 +24,7 @@ from modules.ai_engine import (
     response_format_from_format,
     tool_call_from_parts,
 )
-from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ToolCall
+from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ThinkingDelta, ToolCall
 from modules.config_manager import PROJECT_DIR, ExpertConfig, LocalModelsConfig, resolve_local_model_path
 from modules.errors import ExpertStreamBroken, ExpertUnavailable, InvalidRequest
 from modules.model_pool import ModelPool
@@ -120,6 +120,25 @@ def test_chat_answers_with_text_and_one_final_done(shared: GGUFBackend) -> None:
     assert usage.prompt_eval_duration_ns > 0
     assert usage.eval_duration_ns > 0
     assert usage.total_duration_ns >= usage.load_duration_ns + usage.prompt_eval_duration_ns
+
+
+def test_inline_think_tags_become_reasoning(shared: GGUFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The packaged model does not reason; a reasoning model's stream is played in its place,
+    # through the real model for everything else (template, token counts).
+    import modules.ai_engine as engine
+
+    pieces = ["<thi", "nk>\nTwo plus", " two.</th", "ink>\n\n", "It is", " 4."]
+
+    def reasoning_stream(*_: object) -> Iterator[dict[str, object]]:
+        for piece in pieces:
+            yield {"choices": [{"delta": {"content": piece}, "finish_reason": None}]}
+        yield {"choices": [{"delta": {}, "finish_reason": "stop"}]}
+
+    monkeypatch.setattr(engine, "_start_stream", lambda *args: reasoning_stream())
+    events = run(shared, chat("What is 2+2?", think=True))
+    assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == "Two plus two."
+    assert text_of(events) == "It is 4."
+    assert isinstance(events[0], ThinkingDelta) and only_done(events).usage.completion_tokens > 0
 
 
 def test_stream_yields_several_text_deltas(shared: GGUFBackend) -> None:

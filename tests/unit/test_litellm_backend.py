@@ -18,6 +18,7 @@ from modules.chat_types import (
     Done,
     Message,
     TextDelta,
+    ThinkingDelta,
     ToolCallDelta,
 )
 from modules.config_manager import ExpertConfig, ServerConfig
@@ -101,6 +102,20 @@ def test_options_are_mapped_to_provider_parameters(litellm: ModuleType, fake_ups
     list(_ollama(litellm, fake_upstream).stream_chat(_chat(options=options)))
     ollama_options = fake_upstream.requests_to("/api/chat")[-1].json["options"]
     assert (ollama_options["num_predict"], ollama_options["top_k"], ollama_options["temperature"]) == (12, 4, 0.2)
+
+
+def test_reasoning_levels_pass_both_ways(litellm: ModuleType, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behave("thinker", thinking=["Let me", " think."])
+    events = list(_ollama(litellm, fake_upstream, "thinker").stream_chat(_chat(think="high")))
+    # LiteLLM's ollama_chat provider turns reasoning_effort into Ollama's `think` (a plain switch:
+    # LiteLLM drops the level on the way).
+    assert fake_upstream.requests_to("/api/chat")[-1].json["think"] is True
+    assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == "Let me think."
+    events = list(_openai(litellm, fake_upstream, "thinker").stream_chat(_chat(think="low")))
+    assert fake_upstream.requests_to("/v1/chat/completions")[-1].json["reasoning_effort"] == "low"
+    assert "".join(e.text for e in events if isinstance(e, ThinkingDelta)) == "Let me think."
+    # A bare switch has no spelling every provider takes: nothing is sent.
+    assert "reasoning_effort" not in litellm_arguments_from_request(_chat(think=True))
 
 
 def test_tool_calls_are_assembled_from_fragments(litellm: ModuleType, fake_upstream: FakeUpstream) -> None:
