@@ -235,7 +235,7 @@ def _tools_from_responses(raw: object) -> tuple[list[dict[str, Any]] | None, lis
         return None, []
     if not isinstance(raw, list):
         raise invalid_type("tools", "an array", raw)
-    tools = []
+    tools: list[dict[str, Any]] = []
     for i, item in enumerate(raw):
         tool = require_object(item, f"tools[{i}]")
         if tool.get("type") != "function":
