@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from modules import health, metrics, web_ui
 from modules import http_views as views
+from modules.services import Services, json_response
 from modules.api_keys import init_api_keys
 from modules.body_limit import IMAGE_LIMIT_KEY, image_body_limit, init_body_limit, init_image_body_limit, too_large
 from modules.client_timeouts import init_client_timeouts
@@ -75,7 +76,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
     return app
 
 
-def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Services:
+def build_services(config: AppConfig, pool: ModelPool | None = None) -> Services:
     """Router, runner and catalog for `config`, around `pool` (a new one when None)."""
     from modules.embedding_runner import build_embedding_runner
     from modules.expert_runner import build_runner
@@ -92,7 +93,7 @@ def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Se
     if embeddings.local_label is not None and embeddings.local_dimensions is not None:
         local = LocalEncoderListing(embeddings.local_label, embeddings.local_dimensions,
                                     config.embeddings.max_input_chars)
-    return views.Services(
+    return Services(
         config=config,
         # Built off the event loop (an encoder load, the first encoding of the experts' keywords:
         # seconds, and on a config reload the worker is serving), and deciding off it too.
@@ -104,7 +105,7 @@ def build_services(config: AppConfig, pool: ModelPool | None = None) -> views.Se
     )
 
 
-def rebuild_services(config: AppConfig, running: views.Services) -> views.Services:
+def rebuild_services(config: AppConfig, running: Services) -> Services:
     """Services for a reloaded `config` that keep the running model pool, so loaded models stay;
     its new limits apply from the next load or eviction on."""
     services = build_services(config, pool=running.pool)
@@ -155,7 +156,7 @@ def _error_response(err: RequestError) -> Any:
     if status >= 500:
         # openai-python retries 5xx twice by default; retrying cannot help when no expert answers.
         headers["x-should-retry"] = "false"
-    return views.json_response(body, status, headers)
+    return json_response(body, status, headers)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -16,7 +16,7 @@ from flask import Response
 
 from modules.backend_registry import is_unavailable
 from modules.config_manager import resolve_local_model_path
-from modules.http_views import Services, json_response, services
+from modules.services import Services, json_response, services
 
 
 def health() -> Response:

@@ -47,7 +47,7 @@ from modules.config_manager import AppConfig, load_config
 from modules.embedding_runner import EmbeddingRunner
 from modules.errors import ConfigError
 from modules.expert_runner import ExpertRunner
-from modules.http_views import Services
+from modules.services import Services
 from modules.logger import get_logger
 from modules.metrics import record_config_reload
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, request
 
 from modules import anthropic_protocol as anthropic
 from modules import embedding_protocol as embedding
@@ -24,15 +23,11 @@ from modules import responses_protocol as responses
 from modules.capabilities import estimate_prompt_tokens, request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
-from modules.embedding_runner import EmbeddingRunner
 from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import InvalidRequest, MissingCapability, UnknownModel
-from modules.expert_runner import ExpertRunner
 from modules.logger import get_logger, sanitize
-from modules.model_catalog import ModelCatalog
-from modules.model_pool import ModelPool
 from modules.route_input import read_route_input, route_read_input
-from modules.router_factory import Router
+from modules.services import Services, json_response, json_text_response, services
 
 log = get_logger("http")
 
@@ -40,38 +35,7 @@ log = get_logger("http")
 # recent Ollama release number rather than LeMoE's own version (which goes in a header).
 OLLAMA_COMPAT_VERSION = "0.12.6"
 LEMOE_VERSION = "0.1.0"
-_JSON = "application/json; charset=utf-8"
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class Services:
-    """Everything the views need, built once per app by the factory."""
-
-    config: AppConfig
-    router: Router
-    runner: ExpertRunner
-    catalog: ModelCatalog
-    pool: ModelPool
-    embeddings: EmbeddingRunner
-
-    def close(self) -> None:
-        self.runner.close()
-        self.embeddings.close()
-        self.pool.close()
-
-
-def services() -> Services:
-    return current_app.extensions["lemoe"]  # type: ignore[no-any-return]
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return json_text_response(json.dumps(body, ensure_ascii=False, separators=(",", ":")), status, headers)
-
-
-def json_text_response(text: str, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A body the protocol layer already wrote as JSON text."""
-    return Response(text, status=status, content_type=_JSON, headers=headers)
 
 
 def read_json_body(carries_images: Callable[[Any], bool] | None = None) -> Any:

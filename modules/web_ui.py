@@ -22,7 +22,7 @@ from flask import Response, current_app
 
 from modules.config_manager import ExpertConfig
 from modules.decision_cache import router_name
-from modules.http_views import json_response, services
+from modules.services import json_response, services
 from modules.metrics import metrics_of, route_counts
 
 _STYLE = """
