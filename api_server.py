@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":
-    # The server command (modules/serve.py), before any other import: gevent must patch before
+    # The server command (modules/ops/serve.py), before any other import: gevent must patch before
     # a lock or socket exists (modules/blocking.py), and the gunicorn master has no use for
     # Flask and the rest of this file; its workers import it again, as `api_server`.
     if "--dev" not in sys.argv:
         from modules.blocking import patch_for_gevent
 
         patch_for_gevent()
-    from modules.serve import main
+    from modules.ops.serve import main
 
     sys.exit(main())
 
@@ -26,14 +26,18 @@ from typing import Any
 from flask import Flask, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from modules import health, metrics, web_ui
+from modules.ops import health
+
+from modules.ops import metrics
+
+from modules.ops import web_ui
 from modules import http_views as views
 from modules.services import Services, json_response
-from modules.api_keys import init_api_keys
-from modules.body_limit import IMAGE_LIMIT_KEY, image_body_limit, init_body_limit, init_image_body_limit, too_large
-from modules.client_timeouts import init_client_timeouts
+from modules.guards.api_keys import init_api_keys
+from modules.guards.body_limit import IMAGE_LIMIT_KEY, image_body_limit, init_body_limit, init_image_body_limit, too_large
+from modules.guards.client_timeouts import init_client_timeouts
 from modules.config_manager import AppConfig, config_from_environment
-from modules.cors import init_cors
+from modules.guards.cors import init_cors
 from modules.decision_cache import router_name
 from modules.errors import (
     InvalidRequest,
@@ -41,10 +45,10 @@ from modules.errors import (
     NotFound,
     RequestError,
 )
-from modules.hot_reload import watch_config
+from modules.ops.hot_reload import watch_config
 from modules.logger import get_logger, setup_logging
 from modules.model_pool import ModelPool
-from modules.rate_limit import init_rate_limit
+from modules.guards.rate_limit import init_rate_limit
 
 log = get_logger("server")
 # The routes whose requests may carry images, so their bodies may be up to server.max_image_body_bytes.
@@ -147,7 +151,7 @@ def register_routes(app: Flask) -> None:
 
 
 def _error_response(err: RequestError) -> Any:
-    from modules.error_bodies import error_body_for_path
+    from modules.protocol.error_bodies import error_body_for_path
 
     body, status = error_body_for_path(request.path, err)
     headers = {}

@@ -48,7 +48,7 @@ def summary(latencies_s: list[float], wall_s: float, texts: int) -> dict[str, fl
 
 def measure_encoder(requests: int, batch: int) -> dict[str, float]:
     from modules.embeddings import EmbedRequest
-    from modules.local_embeddings import build_local_backend
+    from modules.encoding.local_embeddings import build_local_backend
 
     backend = build_local_backend("use-multilingual", "use-multilingual", 8192)
     assert backend is not None

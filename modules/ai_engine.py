@@ -46,7 +46,7 @@ from modules.errors import (
     InvalidRequest,
 )
 from modules.model_pool import ModelPool
-from modules.openai_chunks import (
+from modules.protocol.openai_chunks import (
     ToolCallAssembler,
     parts_from_chunk,
     tool_call_from_parts,

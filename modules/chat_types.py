@@ -232,3 +232,12 @@ class ModelCard:
     description: str = ""
     # Length of the vectors of an embedding model, when known (/api/show's model_info).
     embedding_length: int | None = None
+
+
+def clip_message(text: str, max_chars: int) -> str:
+    """Keep the head and tail of an over-long message, where its instruction usually is
+    ("Translate this: ..." or "... what does this code do?")."""
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return text[:half] + "\n" + text[-half:]

@@ -54,7 +54,7 @@ from modules.decision_router import (
     ONNX_MODEL_FILE,
     head_tail_ids,
 )
-from modules.generic_router import clip_message
+from modules.chat_types import clip_message
 from modules.held_out import (
     ACCURACY_BUDGET,
     chosen_threshold,

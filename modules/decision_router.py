@@ -37,14 +37,13 @@ from typing import Literal
 
 import numpy as np
 
-from modules.chat_types import RouteDecision, RouteMethod
+from modules.chat_types import RouteDecision, RouteMethod, clip_message
 from modules.classifier_heads import classification_logits
 from modules.config_manager import ExpertConfig, RouterConfig
 from modules.embedding_router import is_follow_up, softmax
 from modules.generic_router import (
     FALLBACK_EXPERT_ID,
     KeywordRouter,
-    clip_message,
     join_recent_user_texts,
 )
 

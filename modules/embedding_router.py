@@ -44,7 +44,7 @@ import numpy as np
 from modules.calibration import Readout, apply_readout, readout_from_json, softmax
 from modules.chat_types import RouteDecision, RouteMethod
 from modules.config_manager import AppConfig, ExpertConfig, RouterConfig
-from modules.encoders import Encoder, build_encoder, cached_vectors
+from modules.encoding.encoders import Encoder, build_encoder, cached_vectors
 from modules.generic_router import (
     FALLBACK_EXPERT_ID,
     KeywordRouter,

@@ -150,7 +150,7 @@ def _empty() -> np.ndarray:
 def build_embedding_runner(config: AppConfig, pool: ModelPool) -> EmbeddingRunner:
     """Backends for the embedding experts (built like chat experts' backends) and the local encoder."""
     from modules.backend_registry import build_embedding_backends
-    from modules.local_embeddings import build_local_backend
+    from modules.encoding.local_embeddings import build_local_backend
 
     local = None
     if config.embeddings.local_model:

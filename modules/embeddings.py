@@ -1,7 +1,7 @@
 """The one internal shape of an embedding request and its answer, shared by both APIs.
 
 `/api/embed`, `/api/embeddings` and `/v1/embeddings` parse into an `EmbedRequest`
-(modules/embedding_protocol.py); an embedding backend (a remote expert, or the local encoder)
+(modules/protocol/embedding_protocol.py); an embedding backend (a remote expert, or the local encoder)
 turns it into an `EmbedResult`; the protocol layer writes that back in the client's shape.
 Nothing here knows HTTP or either protocol's field names.
 """

@@ -1,5 +1,10 @@
 """Keyword + fuzzy routing (rapidfuzz), and the cascade over recent user messages.
 
+Where the hybrid router is: the reference names this file as its home. Here the hybrid
+embedding router (four signals, softmax, cascade) is `modules/embedding_router.py`, and
+`build_router` in `modules/router_factory.py` builds it; this file keeps the keyword stage that
+both the embedding and the classifier router end their chains with, and the keyword-only router.
+
 This is the last stage of the reference fallback chain: a route is accepted when its keyword
 score reaches `confidence_threshold * 0.5`, otherwise the request goes to the fallback expert
 (id 0). The scoring is a pure function over a precomputed `KeywordIndex`, so the hybrid
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 from rapidfuzz import fuzz, process
 
-from modules.chat_types import RouteDecision, RouteMethod
+from modules.chat_types import RouteDecision, RouteMethod, clip_message
 from modules.config_manager import ExpertConfig, RouterConfig
 
 FALLBACK_EXPERT_ID = 0
@@ -212,14 +217,6 @@ def join_recent_user_texts(user_texts: Sequence[str], count: int, max_chars: int
     return kept.strip()
 
 
-def clip_message(text: str, max_chars: int = MAX_SCORED_MESSAGE_CHARS) -> str:
-    """Keep the head and tail of an over-long message, where its instruction usually is."""
-    if len(text) <= max_chars:
-        return text
-    half = max_chars // 2
-    return text[:half] + "\n" + text[-half:]
-
-
 def pick_winner(scores: Mapping[str, float], accept_at: float) -> str | None:
     """The top label if it reaches `accept_at` and no other expert has the same score."""
     ranked = sorted(scores.items(), key=lambda item: item[1], reverse=True)
@@ -265,7 +262,7 @@ class KeywordRouter:
         # fallback expert. No step ran, so there are no scores to report.
         if not self._config.keyword_fallback:
             return self._fallback_decision(0.0, {}, None)
-        last = clip_message(user_texts[-1]) if user_texts else ""
+        last = clip_message(user_texts[-1], MAX_SCORED_MESSAGE_CHARS) if user_texts else ""
         scores = keyword_scores(last, self._index)
         winner = pick_winner(scores, self._accept_at)
         if winner is not None:

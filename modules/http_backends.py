@@ -29,7 +29,7 @@ import urllib3.exceptions
 from modules.blocking import yield_to_others
 from modules.chat_types import ChatEvent, ChatRequest
 from modules.config_manager import ExpertConfig, ServerConfig
-from modules.embedding_protocol import (
+from modules.protocol.embedding_protocol import (
     embed_result_from_ollama,
     embed_result_from_openai,
     ollama_embed_body_from_request,
@@ -45,12 +45,12 @@ from modules.errors import (
     InvalidRequest,
 )
 from modules.logger import get_logger, sanitize
-from modules.ollama_protocol import (
+from modules.protocol.ollama_protocol import (
     events_from_ollama_ndjson,
     ollama_chat_body_from_request,
     ollama_generate_body_from_request,
 )
-from modules.openai_protocol import (
+from modules.protocol.openai_protocol import (
     events_from_openai_sse,
     openai_chat_body_from_request,
     openai_completion_body_from_request,

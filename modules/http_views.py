@@ -13,13 +13,13 @@ from typing import Any
 
 from flask import Response, request
 
-from modules import anthropic_protocol as anthropic
-from modules import embedding_protocol as embedding
-from modules import metrics
-from modules.body_limit import check_text_body
-from modules import ollama_protocol as ollama
-from modules import openai_protocol as openai
-from modules import responses_protocol as responses
+from modules.protocol import anthropic_protocol as anthropic
+from modules.protocol import embedding_protocol as embedding
+from modules.ops import metrics
+from modules.guards.body_limit import check_text_body
+from modules.protocol import ollama_protocol as ollama
+from modules.protocol import openai_protocol as openai
+from modules.protocol import responses_protocol as responses
 from modules.capabilities import estimate_prompt_tokens, request_needs, require_capable, route_capable
 from modules.chat_types import ChatEvent, ChatRequest, RouteDecision
 from modules.config_manager import AppConfig, ExpertConfig
@@ -42,7 +42,7 @@ def read_json_body(carries_images: Callable[[Any], bool] | None = None) -> Any:
     """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type).
 
     On a route that takes images (`carries_images` tells whether a parsed body has any), a body
-    over the text limit is refused unless it does (modules/body_limit.py).
+    over the text limit is refused unless it does (modules/guards/body_limit.py).
     """
     data = request.get_data(cache=False)
     if not data:

@@ -38,7 +38,7 @@ from modules.chat_types import (
     Usage,
 )
 from modules.config_manager import ExpertConfig, ServerConfig
-from modules.embedding_protocol import embed_result_from_openai
+from modules.protocol.embedding_protocol import embed_result_from_openai
 from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import (
     ExpertError,
@@ -47,8 +47,8 @@ from modules.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
-from modules.openai_chunks import ToolCallAssembler, parts_from_chunk
-from modules.openai_protocol import effort_from_think
+from modules.protocol.openai_chunks import ToolCallAssembler, parts_from_chunk
+from modules.protocol.openai_protocol import effort_from_think
 
 # LiteLLM reads this at import: "True" means the cost map bundled in the package, no download.
 LOCAL_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"

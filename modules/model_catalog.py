@@ -22,7 +22,7 @@ from modules.capabilities import (
 )
 from modules.chat_types import ModelCard
 from modules.config_manager import ROUTER_MODEL_NAME, AppConfig, ExpertConfig, resolve_local_model_path
-from modules.encoders import PACKAGED_ENCODER
+from modules.encoding.encoders import PACKAGED_ENCODER
 
 DEFAULT_TAG = "latest"
 _QUANT_RE = re.compile(r"(I?Q\d+_[A-Z0-9_]+|Q\d+_\d|F16|F32|BF16)", re.IGNORECASE)

@@ -17,7 +17,7 @@ from flask import Flask
 
 from api_server import build_services, rebuild_services
 from modules.config_manager import load_config, with_overrides
-from modules.hot_reload import ConfigWatcher
+from modules.ops.hot_reload import ConfigWatcher
 from modules.services import Services
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import default_experts, remote_expert, write_project

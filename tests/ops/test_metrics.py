@@ -16,7 +16,7 @@ from pathlib import Path
 
 import requests
 
-from modules.serve import prepare_metrics_dir
+from modules.ops.serve import prepare_metrics_dir
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import stop
 from tests.ops.conftest import WORKERS, OpsServer, Samples, StartOps, scrape, value

@@ -2,7 +2,7 @@
 load answers every request, and the old workers stop only once the new ones serve.
 
 The servers use the default embedding router, whose encoder model the gunicorn master loads
-before it forks (modules/preload.py): these tests are also what shows a forked worker can encode
+before it forks (modules/ops/preload.py): these tests are also what shows a forked worker can encode
 and, when retired, exit. How long any of it takes is bench/bench_restart.py's to measure.
 """
 

@@ -12,7 +12,7 @@ from anthropic.types import Message as AnthropicMessage
 from anthropic.types import RawMessageStreamEvent
 from pydantic import TypeAdapter
 
-from modules.anthropic_protocol import (
+from modules.protocol.anthropic_protocol import (
     STREAM_ERROR_MESSAGE,
     anthropic_error_body,
     anthropic_message_from_events,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from modules.api_keys import key_problem, load_api_keys
+from modules.guards.api_keys import key_problem, load_api_keys
 from modules.config_manager import AuthConfig
 from modules.errors import ConfigError
 

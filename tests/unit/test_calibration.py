@@ -26,7 +26,7 @@ from modules.calibration import (
 )
 from modules.config_manager import ExpertConfig, RouterConfig, load_config
 from modules.embedding_router import EmbeddingRouter, EmbeddingSettings, load_readout
-from modules.encoders import PACKAGED_ENCODER, build_encoder
+from modules.encoding.encoders import PACKAGED_ENCODER, build_encoder
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "tests" / "data" / "clinc150_sample.jsonl"

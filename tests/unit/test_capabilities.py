@@ -25,8 +25,8 @@ from modules.capabilities import (
 from modules.chat_types import ChatRequest, Message, RouteDecision, ToolCall
 from modules.config_manager import ExpertConfig, LocalModelsConfig, load_config
 from modules.errors import ConfigError, ContextTooLong, MissingCapability
-from modules.ollama_protocol import chat_request_from_ollama, generate_request_from_ollama
-from modules.openai_protocol import chat_request_from_openai, completion_request_from_openai
+from modules.protocol.ollama_protocol import chat_request_from_ollama, generate_request_from_ollama
+from modules.protocol.openai_protocol import chat_request_from_openai, completion_request_from_openai
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 PNG = "iVBORw0KGgo="

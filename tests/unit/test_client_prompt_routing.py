@@ -16,8 +16,8 @@ import pytest
 
 from modules.chat_types import ChatRequest
 from modules.config_manager import AppConfig, load_config
-from modules.ollama_protocol import chat_request_from_ollama
-from modules.openai_protocol import chat_request_from_openai
+from modules.protocol.ollama_protocol import chat_request_from_ollama
+from modules.protocol.openai_protocol import chat_request_from_openai
 from modules.route_input import read_route_input, route_read_input
 from modules.router_factory import Router, build_router
 from tests.fixtures import open_webui

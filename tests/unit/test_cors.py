@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules.cors import ALLOWED_HEADERS, default_origins, is_origin_allowed
+from modules.guards.cors import ALLOWED_HEADERS, default_origins, is_origin_allowed
 
 DEFAULTS = default_origins()
 

@@ -8,7 +8,7 @@ from modules.chat_types import RouteDecision
 from modules.config_manager import RouterConfig
 from modules.decision_cache import DecisionCache, conversation_key, router_name
 from modules.embedding_router import EmbeddingRouter
-from modules.encoders import PACKAGED_ENCODER, build_encoder
+from modules.encoding.encoders import PACKAGED_ENCODER, build_encoder
 from tests.unit.test_embedding_router import EXPERTS
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from modules.embedding_protocol import (
+from modules.protocol.embedding_protocol import (
     base64_from_vector,
     embed_request_from_ollama,
     embed_request_from_openai,

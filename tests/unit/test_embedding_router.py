@@ -26,7 +26,7 @@ from modules.embedding_router import (
     settings_from_router_config,
     standardized_probabilities,
 )
-from modules.encoders import PACKAGED_ENCODER, Encoder, build_encoder
+from modules.encoding.encoders import PACKAGED_ENCODER, Encoder, build_encoder
 
 
 def _expert(

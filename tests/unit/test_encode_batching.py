@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from modules.encode_batching import SharedPassEncoder
-from modules.encoders import PACKAGED_ENCODER, build_encoder
+from modules.encoding.encode_batching import SharedPassEncoder
+from modules.encoding.encoders import PACKAGED_ENCODER, build_encoder
 
 
 class SlowEncoder:

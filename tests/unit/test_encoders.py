@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modules.encoders import (
+from modules.encoding.encoders import (
     DEFAULT_MAX_CHARS,
     PACKAGED_ENCODER,
     Encoder,
@@ -19,8 +19,8 @@ from modules.encoders import (
     normalize_rows,
     package_folder,
 )
-from modules.encode_batching import SharedPassEncoder
-from modules.generic_router import clip_message
+from modules.encoding.encode_batching import SharedPassEncoder
+from modules.chat_types import clip_message
 
 
 @pytest.fixture(scope="module")

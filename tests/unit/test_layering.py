@@ -123,5 +123,77 @@ def test_the_check_sees_imports_in_function_bodies_and_through_other_modules(tmp
     lazy = tmp_path / "lazy.py"
     lazy.write_text("def view():\n    from flask import request\n    return request\n")
     assert "flask" in imported_names(lazy, package="modules")
-    assert web_import_chain("modules.health") == ["modules.health", "flask"]
+    assert web_import_chain("modules.ops.health") == ["modules.ops.health", "flask"]
     assert web_import_chain("api_server") is not None
+
+
+# The README's module list, as layers from the bottom up: a module may import from its own layer
+# or one below, never from one above (function bodies and TYPE_CHECKING blocks included).
+STACK = (
+    ("core", ("chat_types", "embeddings", "errors", "logger", "config_manager", "capabilities", "blocking",
+              "progress", "think_tags", "model_stats", "expert_health")),
+    ("protocol", ("protocol.*",)),
+    ("encoding", ("encoding.*",)),
+    ("routing", ("generic_router", "embedding_router", "decision_router", "calibration", "decision_cache",
+                 "route_input", "router_factory", "classifier_*", "held_out", "route_eval")),
+    ("backends", ("backend", "backend_registry", "http_backends", "litellm_backend", "ai_engine", "onnx_runner",
+                  "model_pool", "local_backend")),
+    ("runners", ("expert_runner", "embedding_runner", "model_catalog")),
+    ("app", ("services", "guards.*", "http_views", "ops.*")),
+)
+
+
+def stack_level(module: str) -> int | None:
+    relative = module.removeprefix("modules.")
+    return next((i for i, (_, patterns) in enumerate(STACK)
+                 if any(fnmatch.fnmatch(relative, p) for p in patterns)), None)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in (REPO / "modules").rglob("*.py") if p.stem != "__init__"}
+
+
+def test_every_module_has_a_layer() -> None:
+    assert [m for m in project_modules() if stack_level(m) is None] == []
+
+
+def test_no_module_imports_from_a_layer_above_its_own() -> None:
+    modules = project_modules()
+    upward = [(m, d) for m, path in modules.items() for d in imported_names(path)
+              if d in modules and (stack_level(d) or 0) > (stack_level(m) or 0)]
+    assert upward == []
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """What importing the file imports at once: module-level statements outside TYPE_CHECKING."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    body = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_there_is_no_import_cycle() -> None:
+    modules = project_modules()
+    graph = {m: {d for d in top_level_imports(p) if d in modules and d != m} for m, p in modules.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(m: str, trail: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycles.append([*trail[trail.index(d):], d] if d in trail else [m, d])
+            elif d not in state:
+                visit(d, [*trail, d])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []

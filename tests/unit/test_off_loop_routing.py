@@ -27,7 +27,7 @@ from modules import http_views as views
 from modules import router_factory
 from modules.chat_types import RouteDecision
 from modules.config_manager import load_config
-from modules.openai_protocol import chat_request_from_openai
+from modules.protocol.openai_protocol import chat_request_from_openai
 
 native_sleep = monkey.get_original("time", "sleep")  # stands for CPU work in C that never yields
 ticks = []

@@ -33,7 +33,7 @@ from modules.errors import (
     RateLimited,
     UnknownModel,
 )
-from modules.ollama_protocol import (
+from modules.protocol.ollama_protocol import (
     chat_request_from_ollama,
     events_from_ollama_ndjson,
     generate_request_from_ollama,
@@ -1226,7 +1226,7 @@ def test_our_error_line_parses_back_as_a_broken_stream() -> None:
 
 
 def test_body_has_images_looks_at_messages_and_generate_images() -> None:
-    from modules.ollama_protocol import body_has_images
+    from modules.protocol.ollama_protocol import body_has_images
 
     assert body_has_images({"messages": [{"role": "user", "content": "x"}, {"role": "user", "images": ["aGk="]}]})
     assert body_has_images({"prompt": "x", "images": ["aGk="]})

@@ -40,7 +40,7 @@ from modules.errors import (
     Unauthorized,
     UnknownModel,
 )
-from modules.openai_protocol import (
+from modules.protocol.openai_protocol import (
     STREAM_ERROR_MESSAGE,
     chat_request_from_openai,
     completion_request_from_openai,
@@ -1102,7 +1102,7 @@ def test_round_trip_request_body_to_events() -> None:
 
 
 def test_body_has_images_finds_image_url_parts() -> None:
-    from modules.openai_protocol import body_has_images
+    from modules.protocol.openai_protocol import body_has_images
 
     part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}
     assert body_has_images({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}]})

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from modules.encoders import map_embedding_table
-from modules.paged_table import PagedTable
+from modules.encoding.encoders import map_embedding_table
+from modules.encoding.paged_table import PagedTable
 
 
 @pytest.fixture()

@@ -19,8 +19,8 @@ import os, sys, time
 from modules.blocking import patch_for_gevent
 patch_for_gevent()
 from modules.config_manager import load_config
-from modules.preload import preload_for_workers
-from modules import encoders
+from modules.ops.preload import preload_for_workers
+from modules.encoding import encoders
 
 preload_for_workers(load_config(sys.argv[1]))
 # A process that imported onnxruntime has forked children that hang at exit.
@@ -58,8 +58,8 @@ def test_the_master_preloads_the_encoder_model_and_its_forks_encode_and_exit() -
 NOTHING_CHILD = r"""
 import json, sys
 from modules.config_manager import load_config
-from modules.preload import preload_for_workers
-from modules import encoders
+from modules.ops.preload import preload_for_workers
+from modules.encoding import encoders
 
 config = load_config(sys.argv[1])
 config = config.model_copy(update={section: getattr(config, section).model_copy(update=fields)

@@ -7,7 +7,7 @@ from flask import Flask, Response, jsonify, request
 
 from modules.config_manager import RateLimitConfig
 from modules.errors import ConfigError, RequestError
-from modules.rate_limit import init_rate_limit
+from modules.guards.rate_limit import init_rate_limit
 
 
 def respond(err: RequestError) -> Response:

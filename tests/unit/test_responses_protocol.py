@@ -13,7 +13,7 @@ from pydantic import TypeAdapter
 
 from modules.chat_types import ChatEvent, Done, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta, Usage
 from modules.errors import ExpertStreamBroken, InvalidRequest
-from modules.responses_protocol import (
+from modules.protocol.responses_protocol import (
     STREAM_ERROR_MESSAGE,
     body_has_images,
     response_from_events,

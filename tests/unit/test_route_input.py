@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from modules.chat_types import ChatRequest, RouteDecision
-from modules.ollama_protocol import chat_request_from_ollama, generate_request_from_ollama
-from modules.openai_protocol import chat_request_from_openai, completion_request_from_openai
+from modules.protocol.ollama_protocol import chat_request_from_ollama, generate_request_from_ollama
+from modules.protocol.openai_protocol import chat_request_from_openai, completion_request_from_openai
 from modules.route_input import read_route_input, route_read_input, unwrap_retrieved_context
 from tests.fixtures import continue_requests, open_webui
 

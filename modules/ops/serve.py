@@ -9,9 +9,9 @@ imported (`api_server.py` does it first thing); long native calls (local model g
 loading) run on gevent's thread pool (`modules/blocking.py`).
 
 Workers start fast and hand over without a gap: the master imports the app and loads the
-packaged encoder's model before it forks (`modules/preload.py`), so a worker that replaces a dead
+packaged encoder's model before it forks (`modules/ops/preload.py`), so a worker that replaces a dead
 one, or a new one after SIGHUP, serves after 0.2 to 0.4 s; and on SIGHUP the old workers are
-stopped only once the new ones serve (`modules/worker_handover.py`).
+stopped only once the new ones serve (`modules/ops/worker_handover.py`).
 
 Metrics from several workers: each worker is its own process, so prometheus-client runs in
 multiprocess mode. Before any worker starts, the master sets $PROMETHEUS_MULTIPROC_DIR (the
@@ -34,9 +34,9 @@ from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
 
 from modules.config_manager import AppConfig, config_from_environment, with_overrides
 from modules.errors import ConfigError
-from modules.preload import preload_for_workers
+from modules.ops.preload import preload_for_workers
 
-# prometheus-client's own variable (modules/metrics.py reads it). Named here, not imported from
+# prometheus-client's own variable (modules/ops/metrics.py reads it). Named here, not imported from
 # there: the master imports the app only once the variable is set (preload_for_workers).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -87,7 +87,7 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
             "workers": server.workers,
             # gunicorn's gevent worker, answering its own errors (header too large, ...) in the
             # client's protocol instead of HTML.
-            "worker_class": "modules.gevent_worker.LeMoEGeventWorker",
+            "worker_class": "modules.ops.gevent_worker.LeMoEGeventWorker",
             "limit_request_line": server.max_request_line_bytes,
             "limit_request_fields": server.max_header_fields,
             "limit_request_field_size": server.max_header_field_bytes,
@@ -113,7 +113,7 @@ class _LeMoEGunicorn(BaseApplication):  # type: ignore[misc]
 
     def run(self) -> None:
         # BaseApplication.run, with the arbiter that keeps old workers until new ones serve.
-        from modules.worker_handover import HandoverArbiter
+        from modules.ops.worker_handover import HandoverArbiter
 
         try:
             HandoverArbiter(self).run()

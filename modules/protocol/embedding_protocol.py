@@ -23,9 +23,9 @@ import numpy as np
 
 from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import ExpertStreamBroken, InvalidRequest
-from modules.ollama_protocol import keep_alive_seconds, model_from_body, require_object
-from modules.openai_protocol import invalid_type
-from modules.openai_protocol import require_object as openai_require_object
+from modules.protocol.ollama_protocol import keep_alive_seconds, model_from_body, require_object
+from modules.protocol.openai_protocol import invalid_type
+from modules.protocol.openai_protocol import require_object as openai_require_object
 
 # Little-endian float32, what `encoding_format: "base64"` carries and openai-python decodes.
 _FLOAT32_LE = np.dtype("<f4")

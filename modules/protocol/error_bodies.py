@@ -14,9 +14,9 @@ from modules.errors import RequestError
 
 def error_body_for_path(path: str, err: RequestError) -> tuple[dict[str, Any], int]:
     """The error body and HTTP status for `err` on a request to `path`."""
-    from modules.anthropic_protocol import anthropic_error_body, is_anthropic_path
-    from modules.ollama_protocol import ollama_error_body
-    from modules.openai_protocol import is_openai_path, openai_error_body
+    from modules.protocol.anthropic_protocol import anthropic_error_body, is_anthropic_path
+    from modules.protocol.ollama_protocol import ollama_error_body
+    from modules.protocol.openai_protocol import is_openai_path, openai_error_body
 
     if is_anthropic_path(path):
         return anthropic_error_body(err)

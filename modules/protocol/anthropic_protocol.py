@@ -41,7 +41,7 @@ from modules.chat_types import (
 )
 from modules.errors import InvalidRequest, RequestError
 from modules.logger import get_logger, sanitize
-from modules.openai_protocol import (
+from modules.protocol.openai_protocol import (
     invalid_type,
     model_from_openai,
     optional_bool,

@@ -23,7 +23,7 @@ from flask import Response, current_app
 from modules.config_manager import ExpertConfig
 from modules.decision_cache import router_name
 from modules.services import json_response, services
-from modules.metrics import metrics_of, route_counts
+from modules.ops.metrics import metrics_of, route_counts
 
 _STYLE = """
 :root { --bg:#f6f7f9; --card:#fff; --ink:#1d2330; --muted:#687083; --line:#e3e6ec; --accent:#3867d6;

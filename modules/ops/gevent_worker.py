@@ -15,7 +15,7 @@ it on the exception: the path if the request line was parsed, else what the star
 says (a request line too long to be parsed still starts with its method and path).
 
 Run it with `api_server.py` (serve.py picks it) or plain gunicorn:
-`gunicorn -k modules.gevent_worker.LeMoEGeventWorker 'api_server:create_app()'`.
+`gunicorn -k modules.ops.gevent_worker.LeMoEGeventWorker 'api_server:create_app()'`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _path_from_head(head: bytes | bytearray | None) -> str | None:
 
 def error_response_bytes(path: str, status: int, message: str) -> bytes:
     """A whole HTTP/1.1 error answer in the protocol of `path`; the connection closes after it."""
-    from modules.error_bodies import error_body_for_path
+    from modules.protocol.error_bodies import error_body_for_path
     from modules.errors import RequestError
 
     err = RequestError(message)

@@ -31,7 +31,7 @@ def preload_for_workers(config: AppConfig) -> None:
     import api_server  # noqa: F401 - the workers' `from api_server import create_app` finds it loaded
 
     from modules.embedding_router import routed_experts
-    from modules.encoders import PACKAGED_ENCODER, preload_use_model
+    from modules.encoding.encoders import PACKAGED_ENCODER, preload_use_model
 
     router = config.router
     classifier = router.mode == "model" or router.router_type == "classification"

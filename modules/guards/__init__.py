@@ -1,0 +1,1 @@
+"""Request guards that run before a view: rate limit, body size, API keys, CORS, client timeouts."""
