@@ -15,7 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,14 +38,13 @@ from modules.chat_types import (
     ToolCallDelta,
     Usage,
 )
-from modules.config_manager import ExpertConfig, LocalModelsConfig
+from modules.config_manager import LocalModelsConfig
 from modules.errors import (
     ExpertError,
     ExpertStreamBroken,
-    ExpertUnavailable,
     InvalidRequest,
 )
-from modules.model_pool import ModelPool
+from modules.local_backend import PooledLocalBackend, map_library_errors
 from modules.openai_chunks import (
     ToolCallAssembler,
     parts_from_chunk,
@@ -104,13 +103,9 @@ class LoadedLlama:
         self.llm.close()
 
 
-@contextmanager
-def map_llama_errors(failure: type[ExpertError], what: str) -> Iterator[None]:
+def map_llama_errors(failure: type[ExpertError], what: str) -> AbstractContextManager[None]:
     """Re-raise a library exception as `failure`; the message is for the log only."""
-    try:
-        yield
-    except LLAMA_ERRORS as exc:
-        raise failure(f"{what}: {type(exc).__name__}: {exc}") from exc
+    return map_library_errors(LLAMA_ERRORS, failure, what)
 
 
 def load_llama(model_path: Path, local: LocalModelsConfig) -> LoadedLlama:
@@ -141,49 +136,23 @@ def _formatter_for(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
     )
 
 
-class GGUFBackend:
+class GGUFBackend(PooledLocalBackend[LoadedLlama, dict[str, Any]]):
     """A `Backend` that answers with a local GGUF model through llama-cpp-python."""
 
-    def __init__(self, expert: ExpertConfig, model_path: Path, pool: ModelPool, local: LocalModelsConfig) -> None:
-        self.expert = expert
-        self.model_path = model_path.resolve()
-        self.pool_key = str(self.model_path)
-        self._pool = pool
-        self._local = local
+    library_errors = LLAMA_ERRORS
 
-    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        started = time.perf_counter_ns()
-        # Refuse bad options before loading anything for them.
+    def _plan(self, request: ChatRequest) -> dict[str, Any]:
         kwargs = llama_kwargs_from_options(request.options, self._local.n_ctx)
         response_format_from_format(request.format)
-        with ExitStack() as stack:
-            with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-                # The lease is held until the stream ends, so the pool never unloads the model
-                # under a running answer; closing this generator releases it.
-                model = stack.enter_context(self._pool.lease(self.pool_key, self._load, request.keep_alive))
-            load_ns = time.perf_counter_ns() - started
-            stack.enter_context(model.lock)
-            for event in _generate(model, request, kwargs, started, load_ns):
-                if isinstance(event, Done):
-                    self._pool.record_request(self.pool_key, event.usage.prompt_tokens, event.usage.completion_tokens)
-                yield event
-
-    def preload(self, keep_alive: float | None = None) -> None:
-        """Load the model without generating (Ollama's empty-prompt "load" request)."""
-        with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-            with self._pool.lease(self.pool_key, self._load, keep_alive):
-                pass
-
-    def unload(self) -> bool:
-        """Unload the model now, or when its running answers end (Ollama's keep_alive 0 probe)."""
-        return self._pool.unload(self.pool_key)
-
-    def close(self) -> None:
-        # The pool owns the models, and other experts may share this one.
-        pass
+        return kwargs
 
     def _load(self) -> LoadedLlama:
         return load_llama(self.model_path, self._local)
+
+    def _generate(
+        self, model: LoadedLlama, request: ChatRequest, plan: dict[str, Any], started_ns: int, load_ns: int
+    ) -> Iterator[ChatEvent]:
+        return _generate(model, request, plan, started_ns, load_ns)
 
 
 def _generate(

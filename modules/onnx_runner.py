@@ -23,7 +23,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,13 @@ import onnxruntime_genai as og  # type: ignore[import-untyped]
 
 from modules.blocking import run_blocking
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, Usage
-from modules.config_manager import ExpertConfig, LocalModelsConfig
 from modules.errors import (
     ExpertError,
     ExpertStreamBroken,
     ExpertUnavailable,
     InvalidRequest,
 )
-from modules.model_pool import ModelPool
+from modules.local_backend import PooledLocalBackend, map_library_errors
 
 # What onnxruntime-genai raises on bad folders, bad options or failed runs.
 ONNX_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, MemoryError)
@@ -69,13 +68,9 @@ class LoadedOnnx:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@contextmanager
-def map_onnx_errors(failure: type[ExpertError], what: str) -> Iterator[None]:
+def map_onnx_errors(failure: type[ExpertError], what: str) -> AbstractContextManager[None]:
     """Re-raise an onnxruntime-genai exception as `failure`; the message is for the log only."""
-    try:
-        yield
-    except ONNX_ERRORS as exc:
-        raise failure(f"{what}: {type(exc).__name__}: {exc}") from exc
+    return map_library_errors(ONNX_ERRORS, failure, what)
 
 
 def load_onnx(model_dir: Path) -> LoadedOnnx:
@@ -105,53 +100,6 @@ def _has_chat_template(tokenizer: og.Tokenizer) -> bool:
     return True
 
 
-class OnnxBackend:
-    """A `Backend` that answers with a local ONNX model through onnxruntime-genai."""
-
-    def __init__(self, expert: ExpertConfig, model_dir: Path, pool: ModelPool, local: LocalModelsConfig) -> None:
-        self.expert = expert
-        self.model_dir = model_dir.resolve()
-        self.pool_key = str(self.model_dir)
-        self._pool = pool
-        self._local = local
-
-    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        started = time.perf_counter_ns()
-        # Refuse bad options before loading anything for them.
-        search = search_options_from_options(request.options)
-        guidance = guidance_from_format(request.format)
-        stops = stops_from_options(request.options)
-        num_predict = num_predict_from_options(request.options)
-        with ExitStack() as stack:
-            with map_onnx_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-                # Held until the stream ends, so the pool never unloads the model mid-answer.
-                model = stack.enter_context(self._pool.lease(self.pool_key, self._load, request.keep_alive))
-            load_ns = time.perf_counter_ns() - started
-            stack.enter_context(model.lock)
-            plan = _Plan(search, guidance, stops, num_predict, started, load_ns)
-            for event in _generate(model, request, plan):
-                if isinstance(event, Done):
-                    self._pool.record_request(self.pool_key, event.usage.prompt_tokens, event.usage.completion_tokens)
-                yield event
-
-    def preload(self, keep_alive: float | None = None) -> None:
-        """Load the model without generating (Ollama's empty-prompt "load" request)."""
-        with map_onnx_errors(ExpertUnavailable, f"loading {self.pool_key}"), \
-                self._pool.lease(self.pool_key, self._load, keep_alive):
-            pass
-
-    def unload(self) -> bool:
-        """Unload the model now, or when its running answers end (Ollama's keep_alive 0 probe)."""
-        return self._pool.unload(self.pool_key)
-
-    def close(self) -> None:
-        # The pool owns the models, and other experts may share this one.
-        pass
-
-    def _load(self) -> LoadedOnnx:
-        return load_onnx(self.model_dir)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """One request's generation settings, checked before the model is leased."""
@@ -160,11 +108,36 @@ class _Plan:
     guidance: tuple[str, str] | None
     stops: list[str]
     num_predict: int | None
-    started_ns: int
-    load_ns: int
 
 
-def _generate(model: LoadedOnnx, request: ChatRequest, plan: _Plan) -> Iterator[ChatEvent]:
+class OnnxBackend(PooledLocalBackend[LoadedOnnx, _Plan]):
+    """A `Backend` that answers with a local ONNX model through onnxruntime-genai.
+
+    Its `model_path` is the model's folder.
+    """
+
+    library_errors = ONNX_ERRORS
+
+    def _plan(self, request: ChatRequest) -> _Plan:
+        return _Plan(
+            search=search_options_from_options(request.options),
+            guidance=guidance_from_format(request.format),
+            stops=stops_from_options(request.options),
+            num_predict=num_predict_from_options(request.options),
+        )
+
+    def _load(self) -> LoadedOnnx:
+        return load_onnx(self.model_path)
+
+    def _generate(
+        self, model: LoadedOnnx, request: ChatRequest, plan: _Plan, started_ns: int, load_ns: int
+    ) -> Iterator[ChatEvent]:
+        return _generate(model, request, plan, started_ns, load_ns)
+
+
+def _generate(
+    model: LoadedOnnx, request: ChatRequest, plan: _Plan, started_ns: int, load_ns: int
+) -> Iterator[ChatEvent]:
     """Stream one answer from a model whose lock the caller holds."""
     with map_onnx_errors(ExpertStreamBroken, "starting generation"):
         prompt_ids = model.tokenizer.encode(prompt_from_request(model, request))
@@ -209,8 +182,8 @@ def _generate(model: LoadedOnnx, request: ChatRequest, plan: _Plan) -> Iterator[
         usage=Usage(
             prompt_tokens=len(prompt_ids),
             completion_tokens=sampled,
-            total_duration_ns=done_at - plan.started_ns,
-            load_duration_ns=plan.load_ns,
+            total_duration_ns=done_at - started_ns,
+            load_duration_ns=load_ns,
             prompt_eval_duration_ns=first_token_at - eval_started,
             eval_duration_ns=done_at - first_token_at,
         ),
