@@ -38,20 +38,23 @@ from modules.errors import (
     ExpertUnavailable,
     InvalidRequest,
 )
+from modules.generation_options import GenerationOptions, JsonFormat, json_format_from
 from modules.local_backend import PooledLocalBackend, map_library_errors
 
 # What onnxruntime-genai raises on bad folders, bad options or failed runs.
 ONNX_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, MemoryError)
 GENAI_CONFIG = "genai_config.json"
 
-# Ollama option name -> (genai search option, type it takes).
-_SEARCH_OPTIONS: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "seed": ("random_seed", int),
-    "repeat_penalty": ("repetition_penalty", float),
+# Ollama option name -> genai search option.
+_SEARCH_OPTIONS: dict[str, str] = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "seed": "random_seed",
+    "repeat_penalty": "repetition_penalty",
 }
+# Search options genai wants as ints; it takes the others as floats.
+_INTEGER_SEARCH = ("top_k", "random_seed")
 
 
 @dataclass(eq=False)
@@ -102,7 +105,7 @@ def _has_chat_template(tokenizer: og.Tokenizer) -> bool:
 
 @dataclass(frozen=True)
 class _Plan:
-    """One request's generation settings, checked before the model is leased."""
+    """One request's generation settings in genai's terms, worked out before the model is leased."""
 
     search: dict[str, Any]
     guidance: tuple[str, str] | None
@@ -119,11 +122,12 @@ class OnnxBackend(PooledLocalBackend[LoadedOnnx, _Plan]):
     library_errors = ONNX_ERRORS
 
     def _plan(self, request: ChatRequest) -> _Plan:
+        options = request.generation
         return _Plan(
-            search=search_options_from_options(request.options),
-            guidance=guidance_from_format(request.format),
-            stops=stops_from_options(request.options),
-            num_predict=num_predict_from_options(request.options),
+            search=search_options_from_options(options),
+            guidance=guidance_from_format(request.json_format),
+            stops=stops_from_options(options),
+            num_predict=num_predict_from_options(options),
         )
 
     def _load(self) -> LoadedOnnx:
@@ -224,19 +228,18 @@ def onnx_message_from_message(message: Message) -> dict[str, Any]:
     return out
 
 
-def search_options_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """genai search options from Ollama-named options (unknown ones are ignored, as Ollama does).
+def search_options_from_options(options: GenerationOptions | Mapping[str, Any]) -> dict[str, Any]:
+    """genai search options from generation options (unknown names are ignored, as Ollama does).
 
-    Raises `InvalidRequest` for a value of the wrong type. A temperature of 0 means greedy.
+    A mapping of Ollama-named options is parsed first, raising `InvalidRequest`; a request's
+    arrive typed. A temperature of 0 means greedy.
     """
+    sampling = GenerationOptions.of(options).sampling()
     search: dict[str, Any] = {}
-    for name, (genai_name, kind) in _SEARCH_OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidRequest(f"option '{name}' must be a number")
-        search[genai_name] = kind(value)
+    for name, genai_name in _SEARCH_OPTIONS.items():
+        if name in sampling:
+            value = sampling[name]
+            search[genai_name] = int(value) if genai_name in _INTEGER_SEARCH else float(value)
     if "temperature" in search:
         search["do_sample"] = search["temperature"] > 0
         if not search["do_sample"]:
@@ -244,24 +247,13 @@ def search_options_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return search
 
 
-def stops_from_options(options: Mapping[str, Any]) -> list[str]:
-    stop = options.get("stop")
-    if not stop:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise InvalidRequest("option 'stop' must be a string or a list of strings")
-    return [s for s in stops if s]
+def stops_from_options(options: GenerationOptions | Mapping[str, Any]) -> list[str]:
+    return list(GenerationOptions.of(options).stop)
 
 
-def num_predict_from_options(options: Mapping[str, Any]) -> int | None:
+def num_predict_from_options(options: GenerationOptions | Mapping[str, Any]) -> int | None:
     """Ollama's num_predict as a token limit; None (also for -1 and -2) means fill the context."""
-    num_predict = options.get("num_predict")
-    if num_predict is None:
-        return None
-    if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)):
-        raise InvalidRequest("option 'num_predict' must be a number")
-    return int(num_predict) if num_predict > 0 else None
+    return GenerationOptions.of(options).token_limit
 
 
 def max_length_from_num_predict(num_predict: int | None, prompt_tokens: int, context_length: int) -> int:
@@ -274,15 +266,12 @@ def max_length_from_num_predict(num_predict: int | None, prompt_tokens: int, con
     return min(prompt_tokens + num_predict, context_length)
 
 
-def guidance_from_format(fmt: str | dict[str, Any] | None) -> tuple[str, str] | None:
+def guidance_from_format(fmt: JsonFormat | str | dict[str, Any] | None) -> tuple[str, str] | None:
     """genai guidance (kind, data) for Ollama's `format`: "json" or a JSON schema object."""
-    if fmt is None or fmt == "":
+    json_format = json_format_from(fmt)
+    if json_format is None:
         return None
-    if fmt == "json":
-        return ("json_schema", json.dumps({"type": "object"}))
-    if isinstance(fmt, dict):
-        return ("json_schema", json.dumps(fmt))
-    raise InvalidRequest('format must be "json" or a JSON schema object')
+    return ("json_schema", json.dumps(json_format.schema if json_format.schema is not None else {"type": "object"}))
 
 
 class StopScanner:
