@@ -4,6 +4,8 @@ One `Llama` object is loaded per model file and shared by every expert that name
 (the pool key is the resolved path). A `Llama` is not thread-safe, so the pool holds it in a
 `LoadedLlama` together with a lock, and one answer at a time is generated per model; other
 requests for the same model wait their turn, as Ollama does with one parallel slot.
+The lease, the lock and Ollama's load/unload probes are the `local_backend.PooledLocalBackend`
+skeleton it shares with ONNX; this module loads the file, builds the prompt and streams tokens.
 
 Every llama-cpp, OS or Jinja exception is translated to an `ExpertError` in `map_llama_errors`:
 `ExpertUnavailable` when the model cannot be loaded, `ExpertStreamBroken` when generation fails.

@@ -4,6 +4,7 @@ An ONNX expert's `model_path` names a folder under models/ in onnxruntime-genai'
 (`genai_config.json`, the `.onnx` decoder, `tokenizer.json` / `tokenizer_config.json`), as the
 genai model builder writes it. One model is loaded per folder and shared by every expert naming
 it; as with GGUF, one answer at a time is generated per model, under the model's lock.
+(That lease and lock are `local_backend.PooledLocalBackend`'s, shared with GGUF.)
 
 The answer is streamed token by token: the prompt is rendered with the model's own chat template
 (a plain "role: content" layout when it has none), then the generator is stepped one token at a
