@@ -52,16 +52,9 @@ from modules.openai_protocol import effort_from_think
 # LiteLLM reads this at import: "True" means the cost map bundled in the package, no download.
 LOCAL_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
 
-# Ollama option name -> LiteLLM / OpenAI parameter.
-_PARAMETERS: dict[str, str] = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "seed": "seed",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "repeat_penalty": "repetition_penalty",
-}
+# The sampling options LiteLLM passes on, under Ollama's names, and the ones OpenAI names otherwise.
+_PARAMETERS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repeat_penalty")
+_OPENAI_NAMES = {"repeat_penalty": "repetition_penalty"}
 
 
 def import_litellm() -> ModuleType:
@@ -283,7 +276,7 @@ def litellm_arguments_from_request(request: ChatRequest) -> dict[str, Any]:
     options = request.generation
     sampling = options.sampling()
     arguments: dict[str, Any] = {"messages": litellm_messages_from_request(request)}
-    arguments.update({parameter: sampling[name] for name, parameter in _PARAMETERS.items() if name in sampling})
+    arguments.update({_OPENAI_NAMES.get(name, name): sampling[name] for name in _PARAMETERS if name in sampling})
     if options.token_limit is not None:
         arguments["max_tokens"] = options.token_limit
     if options.stop:

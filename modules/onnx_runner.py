@@ -46,16 +46,11 @@ from modules.local_backend import PooledLocalBackend, map_library_errors
 ONNX_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, MemoryError)
 GENAI_CONFIG = "genai_config.json"
 
-# Ollama option name -> genai search option.
-_SEARCH_OPTIONS: dict[str, str] = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "seed": "random_seed",
-    "repeat_penalty": "repetition_penalty",
-}
-# Search options genai wants as ints; it takes the others as floats.
-_INTEGER_SEARCH = ("top_k", "random_seed")
+# The sampling options genai has, under Ollama's names; the ones it names otherwise, and the ones
+# it wants as ints (it takes the others as floats).
+_SEARCH_OPTIONS = ("temperature", "top_p", "top_k", "seed", "repeat_penalty")
+_GENAI_NAMES = {"seed": "random_seed", "repeat_penalty": "repetition_penalty"}
+_INTEGER_SEARCH = ("top_k", "seed")
 
 
 @dataclass(eq=False)
@@ -237,10 +232,10 @@ def search_options_from_options(options: GenerationOptions | Mapping[str, Any]) 
     """
     sampling = GenerationOptions.of(options).sampling()
     search: dict[str, Any] = {}
-    for name, genai_name in _SEARCH_OPTIONS.items():
+    for name in _SEARCH_OPTIONS:
         if name in sampling:
             value = sampling[name]
-            search[genai_name] = int(value) if genai_name in _INTEGER_SEARCH else float(value)
+            search[_GENAI_NAMES.get(name, name)] = int(value) if name in _INTEGER_SEARCH else float(value)
     if "temperature" in search:
         search["do_sample"] = search["temperature"] > 0
         if not search["do_sample"]:

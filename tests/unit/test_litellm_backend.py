@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -22,15 +21,13 @@ from modules.chat_types import (
     ThinkingDelta,
     ToolCallDelta,
 )
-from modules.config_manager import AppConfig, ExpertConfig, LocalModelsConfig, RouterConfig, ServerConfig
+from modules.config_manager import ExpertConfig, ServerConfig
 from modules.errors import (
     ExpertStreamBroken,
     ExpertTimeout,
     ExpertUnavailable,
     InvalidRequest,
 )
-from modules.expert_health import ExpertHealth
-from modules.expert_runner import ExpertRunner
 from modules.litellm_backend import (
     LOCAL_COST_MAP_ENV,
     ApiBackend,
@@ -42,6 +39,7 @@ from modules.litellm_backend import (
     litellm_model_name,
 )
 from tests.fakes.fake_upstream import FakeUpstream
+from tests.fakes.lone_runner import lone_runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -187,32 +185,15 @@ def test_a_bad_option_is_refused_before_calling(litellm: ModuleType, fake_upstre
 def test_a_bad_option_reaching_the_runner_is_the_clients_error_not_a_fallback(
     litellm: ModuleType, fake_upstream: FakeUpstream
 ) -> None:
-    fallback = ExpertConfig(id=0, label="fallback", type="ollama", url="http://127.0.0.1:1", model_name="m")
     backend = _openai(litellm, fake_upstream)
-    config = AppConfig(server=ServerConfig(), router=RouterConfig(), local_models=LocalModelsConfig(),
-                       experts=(fallback, backend.expert), project_dir=Path("."), config_path=Path("c.json"),
-                       experts_path=Path("e.json"))
-    health = ExpertHealth(1, 60)
-    fallback_backend = _NeverCalled()
-    runner = ExpertRunner(config, {0: fallback_backend, 1: backend}, health)  # type: ignore[dict-item]
+    runner, fallback, health = lone_runner(backend.expert, backend)
     request = _chat()
     request.options["num_predict"] = "many"
     for start in (runner.start, runner.collect):
         with pytest.raises(InvalidRequest):
             start(backend.expert, request)
-    assert fallback_backend.calls == 0 and not health.is_benched("api")
+    assert fallback.calls == 0 and not health.is_benched("api")
     assert fake_upstream.requests == []
-
-
-class _NeverCalled:
-    calls = 0
-
-    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        self.calls += 1
-        yield Done()
-
-    def close(self) -> None:
-        pass
 
 
 # --- the exception map ------------------------------------------------------------------------
