@@ -155,7 +155,6 @@ class ApiBackend:
         self._timeout = expert.timeout or server.read_timeout
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        # Worked out before calling anyone.
         arguments = litellm_arguments_from_request(request)
         started = time.perf_counter_ns()
         try:
