@@ -4,6 +4,8 @@ One `Llama` object is loaded per model file and shared by every expert that name
 (the pool key is the resolved path). A `Llama` is not thread-safe, so the pool holds it in a
 `LoadedLlama` together with a lock, and one answer at a time is generated per model; other
 requests for the same model wait their turn, as Ollama does with one parallel slot.
+The lease, the lock and Ollama's load/unload probes are the `local_backend.PooledLocalBackend`
+skeleton it shares with ONNX; this module loads the file, builds the prompt and streams tokens.
 
 Every llama-cpp, OS or Jinja exception is translated to an `ExpertError` in `map_llama_errors`:
 `ExpertUnavailable` when the model cannot be loaded, `ExpertStreamBroken` when generation fails.
@@ -15,7 +17,7 @@ import json
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
-from contextlib import ExitStack, closing, contextmanager
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -38,14 +40,10 @@ from modules.chat_types import (
     ToolCallDelta,
     Usage,
 )
-from modules.config_manager import ExpertConfig, LocalModelsConfig
-from modules.errors import (
-    ExpertError,
-    ExpertStreamBroken,
-    ExpertUnavailable,
-    InvalidRequest,
-)
-from modules.model_pool import ModelPool
+from modules.config_manager import LocalModelsConfig
+from modules.errors import ExpertError, ExpertStreamBroken
+from modules.generation_options import GenerationOptions, JsonFormat, json_format_from
+from modules.local_backend import PooledLocalBackend, map_library_errors
 from modules.protocol.openai_chunks import (
     ToolCallAssembler,
     parts_from_chunk,
@@ -72,18 +70,8 @@ LLAMA_ERRORS: tuple[type[BaseException], ...] = (
 # good, so loads are serialised across the whole process.
 _LOAD_LOCK = threading.Lock()
 
-# Ollama option name -> type llama-cpp wants. num_predict and stop are handled separately.
-_SAMPLING_OPTIONS: dict[str, type] = {
-    "temperature": float,
-    "top_p": float,
-    "top_k": int,
-    "min_p": float,
-    "typical_p": float,
-    "seed": int,
-    "repeat_penalty": float,
-    "presence_penalty": float,
-    "frequency_penalty": float,
-}
+# Sampling options llama-cpp wants as ints; it takes the others as floats.
+_INTEGER_SAMPLING = ("top_k", "seed")
 
 
 @dataclass(eq=False)
@@ -104,13 +92,9 @@ class LoadedLlama:
         self.llm.close()
 
 
-@contextmanager
-def map_llama_errors(failure: type[ExpertError], what: str) -> Iterator[None]:
+def map_llama_errors(failure: type[ExpertError], what: str) -> AbstractContextManager[None]:
     """Re-raise a library exception as `failure`; the message is for the log only."""
-    try:
-        yield
-    except LLAMA_ERRORS as exc:
-        raise failure(f"{what}: {type(exc).__name__}: {exc}") from exc
+    return map_library_errors(LLAMA_ERRORS, failure, what)
 
 
 def load_llama(model_path: Path, local: LocalModelsConfig) -> LoadedLlama:
@@ -141,49 +125,21 @@ def _formatter_for(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
     )
 
 
-class GGUFBackend:
+class GGUFBackend(PooledLocalBackend[LoadedLlama, dict[str, Any]]):
     """A `Backend` that answers with a local GGUF model through llama-cpp-python."""
 
-    def __init__(self, expert: ExpertConfig, model_path: Path, pool: ModelPool, local: LocalModelsConfig) -> None:
-        self.expert = expert
-        self.model_path = model_path.resolve()
-        self.pool_key = str(self.model_path)
-        self._pool = pool
-        self._local = local
+    library_errors = LLAMA_ERRORS
 
-    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        started = time.perf_counter_ns()
-        # Refuse bad options before loading anything for them.
-        kwargs = llama_kwargs_from_options(request.options, self._local.n_ctx)
-        response_format_from_format(request.format)
-        with ExitStack() as stack:
-            with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-                # The lease is held until the stream ends, so the pool never unloads the model
-                # under a running answer; closing this generator releases it.
-                model = stack.enter_context(self._pool.lease(self.pool_key, self._load, request.keep_alive))
-            load_ns = time.perf_counter_ns() - started
-            stack.enter_context(model.lock)
-            for event in _generate(model, request, kwargs, started, load_ns):
-                if isinstance(event, Done):
-                    self._pool.record_request(self.pool_key, event.usage.prompt_tokens, event.usage.completion_tokens)
-                yield event
-
-    def preload(self, keep_alive: float | None = None) -> None:
-        """Load the model without generating (Ollama's empty-prompt "load" request)."""
-        with map_llama_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-            with self._pool.lease(self.pool_key, self._load, keep_alive):
-                pass
-
-    def unload(self) -> bool:
-        """Unload the model now, or when its running answers end (Ollama's keep_alive 0 probe)."""
-        return self._pool.unload(self.pool_key)
-
-    def close(self) -> None:
-        # The pool owns the models, and other experts may share this one.
-        pass
+    def _plan(self, request: ChatRequest) -> dict[str, Any]:
+        return llama_kwargs_from_options(request.generation, self._local.n_ctx)
 
     def _load(self) -> LoadedLlama:
         return load_llama(self.model_path, self._local)
+
+    def _generate(
+        self, model: LoadedLlama, request: ChatRequest, plan: dict[str, Any], started_ns: int, load_ns: int
+    ) -> Iterator[ChatEvent]:
+        return _generate(model, request, plan, started_ns, load_ns)
 
 
 def _generate(
@@ -256,13 +212,13 @@ def _start_stream(
     llm: llama_cpp.Llama, request: ChatRequest, kwargs: dict[str, Any], raw_prompt: list[int] | None
 ) -> Generator[Mapping[str, Any], None, None]:
     if raw_prompt is not None:
-        grammar = grammar_from_format(request.format)
+        grammar = grammar_from_format(request.json_format)
         return _as_stream(llm.create_completion(prompt=raw_prompt, stream=True, grammar=grammar, **kwargs))
     return _as_stream(
         llm.create_chat_completion(
             messages=llama_messages_from_request(request),  # type: ignore[arg-type]
             tools=request.tools or None,  # type: ignore[arg-type]
-            response_format=response_format_from_format(request.format),  # type: ignore[arg-type]
+            response_format=response_format_from_format(request.json_format),  # type: ignore[arg-type]
             stream=True,
             **kwargs,
         )
@@ -347,52 +303,39 @@ def llama_message_from_message(message: Message) -> dict[str, Any]:
     return out
 
 
-def llama_kwargs_from_options(options: Mapping[str, Any], n_ctx: int) -> dict[str, Any]:
-    """Sampling arguments for llama-cpp from Ollama-named options (unknown ones are ignored).
+def llama_kwargs_from_options(options: GenerationOptions | Mapping[str, Any], n_ctx: int) -> dict[str, Any]:
+    """Sampling arguments for llama-cpp from generation options (unknown names are ignored).
 
-    Raises `InvalidRequest` for a value of the wrong type, as Ollama answers 400.
+    A mapping of Ollama-named options is parsed first, raising `InvalidRequest` as Ollama answers
+    400; a request's options arrive typed (`ChatRequest.generation`), checked when it was parsed.
     """
-    kwargs: dict[str, Any] = {}
-    for name, kind in _SAMPLING_OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidRequest(f"option '{name}' must be a number")
-        kwargs[name] = kind(value)
-    kwargs["max_tokens"] = max_tokens_from_num_predict(options.get("num_predict"), n_ctx)
-    stop = options.get("stop")
-    if stop:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise InvalidRequest("option 'stop' must be a string or a list of strings")
-        kwargs["stop"] = [s for s in stops if s]
+    typed = GenerationOptions.of(options)
+    kwargs: dict[str, Any] = {
+        name: value if name in _INTEGER_SAMPLING else float(value) for name, value in typed.sampling().items()
+    }
+    kwargs["max_tokens"] = max_tokens_from_num_predict(typed.num_predict, n_ctx)
+    if typed.stop:
+        kwargs["stop"] = list(typed.stop)
     return kwargs
 
 
-def max_tokens_from_num_predict(num_predict: Any, n_ctx: int) -> int:
+def max_tokens_from_num_predict(num_predict: int | None, n_ctx: int) -> int:
     """Ollama's num_predict (None/-1 no limit, -2 fill the context) as a bounded max_tokens."""
-    if num_predict is None:
-        return n_ctx
-    if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)):
-        raise InvalidRequest("option 'num_predict' must be a number")
-    if num_predict <= 0:
-        # llama-cpp trims this further to what fits after the prompt.
-        return n_ctx
-    return min(int(num_predict), n_ctx)
+    limit = GenerationOptions(num_predict=num_predict).token_limit
+    # Without a limit, llama-cpp trims n_ctx further to what fits after the prompt.
+    return n_ctx if limit is None else min(limit, n_ctx)
 
 
-def response_format_from_format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:
-    if fmt is None or fmt == "":
+def response_format_from_format(fmt: JsonFormat | str | dict[str, Any] | None) -> dict[str, Any] | None:
+    json_format = json_format_from(fmt)
+    if json_format is None:
         return None
-    if fmt == "json":
+    if json_format.schema is None:
         return {"type": "json_object"}
-    if isinstance(fmt, dict):
-        return {"type": "json_object", "schema": fmt}
-    raise InvalidRequest('format must be "json" or a JSON schema object')
+    return {"type": "json_object", "schema": json_format.schema}
 
 
-def grammar_from_format(fmt: str | dict[str, Any] | None) -> LlamaGrammar | None:
+def grammar_from_format(fmt: JsonFormat | str | dict[str, Any] | None) -> LlamaGrammar | None:
     """The same constraint as `response_format_from_format`, for raw completions."""
     response_format = response_format_from_format(fmt)
     if response_format is None:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from modules.generation_options import GenerationOptions, JsonFormat, json_format_from
+
 Role = Literal["system", "user", "assistant", "tool"]
 # "chat" carries messages; "completion" carries a bare prompt (/api/generate, /v1/completions).
 RequestKind = Literal["chat", "completion"]
@@ -76,6 +78,23 @@ class ChatRequest:
     raw: bool = False
     # The OpenAI adapter asks for a trailing usage chunk (`stream_options.include_usage`).
     include_usage: bool = False
+
+    def __post_init__(self) -> None:
+        # The protocol adapters build requests inside their parsers, so a bad option or format
+        # is refused here as the client's 400, never later by a backend inside the runner.
+        self.generation  # noqa: B018 - read for its check
+        self.json_format  # noqa: B018 - read for its check
+
+    @property
+    def generation(self) -> GenerationOptions:
+        """`options` as typed values. Read from the mapping each time, not stored beside it, so
+        that the two can never disagree (the runner merges an expert's defaults into it)."""
+        return GenerationOptions.from_options(self.options)
+
+    @property
+    def json_format(self) -> JsonFormat | None:
+        """`format` as a typed value: None for a free-form answer."""
+        return json_format_from(self.format)
 
     def user_texts(self) -> list[str]:
         """The text of every user turn, oldest first (what routers look at)."""

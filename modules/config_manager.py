@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from modules.errors import ConfigError
+from modules.errors import ConfigError, InvalidRequest
+from modules.generation_options import GenerationOptions
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_DIR / "config" / "config.json"
@@ -230,6 +231,12 @@ class ExpertConfig(_Strict):
             ok = isinstance(value, expected) and not (isinstance(value, bool) and bool not in expected)
             if not ok:
                 raise ValueError(f"option '{key}' has the wrong type ({type(value).__name__})")
+        try:
+            # The check every request's options pass too: a default no backend could take would
+            # otherwise surface per request, as a client error the client never made.
+            GenerationOptions.from_options(v)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from exc
         return v
 
     @model_validator(mode="after")

@@ -8,6 +8,8 @@ The runner only knows the `Backend` interface. It owns the failure semantics:
 - when even the fallback expert fails, `ServiceUnavailable` (503) is raised, and so it is when
   the fallback expert cannot take the request (images for a text-only model, tools, a prompt
   longer than its context): a refusal in the client's protocol, not a wrong answer;
+- a `RequestError` a backend raises (the client's mistake, e.g. an option it cannot take) is
+  no failure: it reaches the client as it is, with no fallback and no strike;
 - an expert that keeps failing is benched (`ExpertHealth`): while its cool-down lasts, its
   requests go straight to the fallback expert.
 """
@@ -23,7 +25,7 @@ from modules.backend import Backend
 from modules.capabilities import abilities_of, lacking_fallback_message, request_needs
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message
 from modules.config_manager import AppConfig, ExpertConfig
-from modules.errors import ExpertError, ExpertUnavailable, ServiceUnavailable
+from modules.errors import ExpertError, ExpertUnavailable, RequestError, ServiceUnavailable
 from modules.expert_health import ExpertHealth
 from modules.logger import get_logger
 from modules.model_pool import ModelPool
@@ -138,6 +140,10 @@ class ExpertRunner:
         except ExpertError as exc:
             log.warning("expert '%s' failed after %.2fs: %s", expert.label, time.monotonic() - started, exc)
             self._record_failure(expert, exc)
+            raise
+        except RequestError:
+            # The client's mistake (a bad option, say): the expert is not at fault, and another
+            # expert would refuse it too, so it goes back to the client as it is.
             raise
         except Exception as exc:  # a backend bug must look like a failed expert, not a 500
             log.exception("expert '%s' raised unexpectedly", expert.label)

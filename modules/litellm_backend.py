@@ -45,7 +45,6 @@ from modules.errors import (
     ExpertStreamBroken,
     ExpertTimeout,
     ExpertUnavailable,
-    InvalidRequest,
 )
 from modules.protocol.openai_chunks import ToolCallAssembler, parts_from_chunk
 from modules.protocol.openai_protocol import effort_from_think
@@ -53,16 +52,9 @@ from modules.protocol.openai_protocol import effort_from_think
 # LiteLLM reads this at import: "True" means the cost map bundled in the package, no download.
 LOCAL_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
 
-# Ollama option name -> (LiteLLM / OpenAI parameter, JSON types accepted).
-_PARAMETERS: dict[str, tuple[str, tuple[type, ...]]] = {
-    "temperature": ("temperature", (int, float)),
-    "top_p": ("top_p", (int, float)),
-    "top_k": ("top_k", (int,)),
-    "seed": ("seed", (int,)),
-    "presence_penalty": ("presence_penalty", (int, float)),
-    "frequency_penalty": ("frequency_penalty", (int, float)),
-    "repeat_penalty": ("repetition_penalty", (int, float)),
-}
+# The sampling options LiteLLM passes on, under Ollama's names, and the ones OpenAI names otherwise.
+_PARAMETERS = ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty", "repeat_penalty")
+_OPENAI_NAMES = {"repeat_penalty": "repetition_penalty"}
 
 
 def import_litellm() -> ModuleType:
@@ -163,7 +155,6 @@ class ApiBackend:
         self._timeout = expert.timeout or server.read_timeout
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        # Refuse bad options before calling anyone.
         arguments = litellm_arguments_from_request(request)
         started = time.perf_counter_ns()
         try:
@@ -278,39 +269,26 @@ def litellm_arguments_from_request(request: ChatRequest) -> dict[str, Any]:
     """`litellm.completion` arguments (besides model, key and transport) for a request.
 
     Options use Ollama's names (num_predict -> max_tokens, repeat_penalty -> repetition_penalty,
-    ...); unknown ones are ignored, as Ollama does. Raises `InvalidRequest` for a wrong type.
+    ...); unknown ones are ignored, as Ollama does. They are typed already (`ChatRequest.generation`):
+    a wrong type was refused when the request was parsed.
     """
-    options = request.options
+    options = request.generation
+    sampling = options.sampling()
     arguments: dict[str, Any] = {"messages": litellm_messages_from_request(request)}
-    for name, (parameter, kinds) in _PARAMETERS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise InvalidRequest(f"option '{name}' must be a number")
-        arguments[parameter] = value
-    num_predict = options.get("num_predict")
-    if num_predict is not None:
-        if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)):
-            raise InvalidRequest("option 'num_predict' must be a number")
-        if num_predict > 0:
-            arguments["max_tokens"] = int(num_predict)
-    stop = options.get("stop")
-    if stop:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise InvalidRequest("option 'stop' must be a string or a list of strings")
-        arguments["stop"] = [s for s in stops if s]
+    arguments.update({_OPENAI_NAMES.get(name, name): sampling[name] for name in _PARAMETERS if name in sampling})
+    if options.token_limit is not None:
+        arguments["max_tokens"] = options.token_limit
+    if options.stop:
+        arguments["stop"] = list(options.stop)
     if request.tools:
         arguments["tools"] = request.tools
-    if request.format == "json":
+    json_format = request.json_format
+    if json_format is not None and json_format.schema is None:
         arguments["response_format"] = {"type": "json_object"}
-    elif isinstance(request.format, dict):
+    elif json_format is not None:
         arguments["response_format"] = {
-            "type": "json_schema", "json_schema": {"name": "answer", "schema": request.format},
+            "type": "json_schema", "json_schema": {"name": "answer", "schema": json_format.schema},
         }
-    elif request.format:
-        raise InvalidRequest('format must be "json" or a JSON schema object')
     # LiteLLM maps reasoning_effort onto each provider's own switch (Ollama's think, Anthropic's
     # thinking budget, ...) and, with drop_params, leaves it out where a provider has none.
     effort = effort_from_think(request.think)

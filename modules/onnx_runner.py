@@ -4,6 +4,7 @@ An ONNX expert's `model_path` names a folder under models/ in onnxruntime-genai'
 (`genai_config.json`, the `.onnx` decoder, `tokenizer.json` / `tokenizer_config.json`), as the
 genai model builder writes it. One model is loaded per folder and shared by every expert naming
 it; as with GGUF, one answer at a time is generated per model, under the model's lock.
+(That lease and lock are `local_backend.PooledLocalBackend`'s, shared with GGUF.)
 
 The answer is streamed token by token: the prompt is rendered with the model's own chat template
 (a plain "role: content" layout when it has none), then the generator is stepped one token at a
@@ -23,7 +24,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,27 +33,24 @@ import onnxruntime_genai as og  # type: ignore[import-untyped]
 
 from modules.blocking import run_blocking
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, Usage
-from modules.config_manager import ExpertConfig, LocalModelsConfig
 from modules.errors import (
     ExpertError,
     ExpertStreamBroken,
     ExpertUnavailable,
     InvalidRequest,
 )
-from modules.model_pool import ModelPool
+from modules.generation_options import GenerationOptions, JsonFormat, json_format_from
+from modules.local_backend import PooledLocalBackend, map_library_errors
 
 # What onnxruntime-genai raises on bad folders, bad options or failed runs.
 ONNX_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, MemoryError)
 GENAI_CONFIG = "genai_config.json"
 
-# Ollama option name -> (genai search option, type it takes).
-_SEARCH_OPTIONS: dict[str, tuple[str, type]] = {
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "seed": ("random_seed", int),
-    "repeat_penalty": ("repetition_penalty", float),
-}
+# The sampling options genai has, under Ollama's names; the ones it names otherwise, and the ones
+# it wants as ints (it takes the others as floats).
+_SEARCH_OPTIONS = ("temperature", "top_p", "top_k", "seed", "repeat_penalty")
+_GENAI_NAMES = {"seed": "random_seed", "repeat_penalty": "repetition_penalty"}
+_INTEGER_SEARCH = ("top_k", "seed")
 
 
 @dataclass(eq=False)
@@ -69,13 +67,9 @@ class LoadedOnnx:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-@contextmanager
-def map_onnx_errors(failure: type[ExpertError], what: str) -> Iterator[None]:
+def map_onnx_errors(failure: type[ExpertError], what: str) -> AbstractContextManager[None]:
     """Re-raise an onnxruntime-genai exception as `failure`; the message is for the log only."""
-    try:
-        yield
-    except ONNX_ERRORS as exc:
-        raise failure(f"{what}: {type(exc).__name__}: {exc}") from exc
+    return map_library_errors(ONNX_ERRORS, failure, what)
 
 
 def load_onnx(model_dir: Path) -> LoadedOnnx:
@@ -105,66 +99,45 @@ def _has_chat_template(tokenizer: og.Tokenizer) -> bool:
     return True
 
 
-class OnnxBackend:
-    """A `Backend` that answers with a local ONNX model through onnxruntime-genai."""
-
-    def __init__(self, expert: ExpertConfig, model_dir: Path, pool: ModelPool, local: LocalModelsConfig) -> None:
-        self.expert = expert
-        self.model_dir = model_dir.resolve()
-        self.pool_key = str(self.model_dir)
-        self._pool = pool
-        self._local = local
-
-    def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
-        started = time.perf_counter_ns()
-        # Refuse bad options before loading anything for them.
-        search = search_options_from_options(request.options)
-        guidance = guidance_from_format(request.format)
-        stops = stops_from_options(request.options)
-        num_predict = num_predict_from_options(request.options)
-        with ExitStack() as stack:
-            with map_onnx_errors(ExpertUnavailable, f"loading {self.pool_key}"):
-                # Held until the stream ends, so the pool never unloads the model mid-answer.
-                model = stack.enter_context(self._pool.lease(self.pool_key, self._load, request.keep_alive))
-            load_ns = time.perf_counter_ns() - started
-            stack.enter_context(model.lock)
-            plan = _Plan(search, guidance, stops, num_predict, started, load_ns)
-            for event in _generate(model, request, plan):
-                if isinstance(event, Done):
-                    self._pool.record_request(self.pool_key, event.usage.prompt_tokens, event.usage.completion_tokens)
-                yield event
-
-    def preload(self, keep_alive: float | None = None) -> None:
-        """Load the model without generating (Ollama's empty-prompt "load" request)."""
-        with map_onnx_errors(ExpertUnavailable, f"loading {self.pool_key}"), \
-                self._pool.lease(self.pool_key, self._load, keep_alive):
-            pass
-
-    def unload(self) -> bool:
-        """Unload the model now, or when its running answers end (Ollama's keep_alive 0 probe)."""
-        return self._pool.unload(self.pool_key)
-
-    def close(self) -> None:
-        # The pool owns the models, and other experts may share this one.
-        pass
-
-    def _load(self) -> LoadedOnnx:
-        return load_onnx(self.model_dir)
-
-
 @dataclass(frozen=True)
 class _Plan:
-    """One request's generation settings, checked before the model is leased."""
+    """One request's generation settings in genai's terms, worked out before the model is leased."""
 
     search: dict[str, Any]
     guidance: tuple[str, str] | None
     stops: list[str]
     num_predict: int | None
-    started_ns: int
-    load_ns: int
 
 
-def _generate(model: LoadedOnnx, request: ChatRequest, plan: _Plan) -> Iterator[ChatEvent]:
+class OnnxBackend(PooledLocalBackend[LoadedOnnx, _Plan]):
+    """A `Backend` that answers with a local ONNX model through onnxruntime-genai.
+
+    Its `model_path` is the model's folder.
+    """
+
+    library_errors = ONNX_ERRORS
+
+    def _plan(self, request: ChatRequest) -> _Plan:
+        options = request.generation
+        return _Plan(
+            search=search_options_from_options(options),
+            guidance=guidance_from_format(request.json_format),
+            stops=stops_from_options(options),
+            num_predict=num_predict_from_options(options),
+        )
+
+    def _load(self) -> LoadedOnnx:
+        return load_onnx(self.model_path)
+
+    def _generate(
+        self, model: LoadedOnnx, request: ChatRequest, plan: _Plan, started_ns: int, load_ns: int
+    ) -> Iterator[ChatEvent]:
+        return _generate(model, request, plan, started_ns, load_ns)
+
+
+def _generate(
+    model: LoadedOnnx, request: ChatRequest, plan: _Plan, started_ns: int, load_ns: int
+) -> Iterator[ChatEvent]:
     """Stream one answer from a model whose lock the caller holds."""
     with map_onnx_errors(ExpertStreamBroken, "starting generation"):
         prompt_ids = model.tokenizer.encode(prompt_from_request(model, request))
@@ -209,8 +182,8 @@ def _generate(model: LoadedOnnx, request: ChatRequest, plan: _Plan) -> Iterator[
         usage=Usage(
             prompt_tokens=len(prompt_ids),
             completion_tokens=sampled,
-            total_duration_ns=done_at - plan.started_ns,
-            load_duration_ns=plan.load_ns,
+            total_duration_ns=done_at - started_ns,
+            load_duration_ns=load_ns,
             prompt_eval_duration_ns=first_token_at - eval_started,
             eval_duration_ns=done_at - first_token_at,
         ),
@@ -251,19 +224,18 @@ def onnx_message_from_message(message: Message) -> dict[str, Any]:
     return out
 
 
-def search_options_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """genai search options from Ollama-named options (unknown ones are ignored, as Ollama does).
+def search_options_from_options(options: GenerationOptions | Mapping[str, Any]) -> dict[str, Any]:
+    """genai search options from generation options (unknown names are ignored, as Ollama does).
 
-    Raises `InvalidRequest` for a value of the wrong type. A temperature of 0 means greedy.
+    A mapping of Ollama-named options is parsed first, raising `InvalidRequest`; a request's
+    arrive typed. A temperature of 0 means greedy.
     """
+    sampling = GenerationOptions.of(options).sampling()
     search: dict[str, Any] = {}
-    for name, (genai_name, kind) in _SEARCH_OPTIONS.items():
-        value = options.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidRequest(f"option '{name}' must be a number")
-        search[genai_name] = kind(value)
+    for name in _SEARCH_OPTIONS:
+        if name in sampling:
+            value = sampling[name]
+            search[_GENAI_NAMES.get(name, name)] = int(value) if name in _INTEGER_SEARCH else float(value)
     if "temperature" in search:
         search["do_sample"] = search["temperature"] > 0
         if not search["do_sample"]:
@@ -271,24 +243,13 @@ def search_options_from_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return search
 
 
-def stops_from_options(options: Mapping[str, Any]) -> list[str]:
-    stop = options.get("stop")
-    if not stop:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise InvalidRequest("option 'stop' must be a string or a list of strings")
-    return [s for s in stops if s]
+def stops_from_options(options: GenerationOptions | Mapping[str, Any]) -> list[str]:
+    return list(GenerationOptions.of(options).stop)
 
 
-def num_predict_from_options(options: Mapping[str, Any]) -> int | None:
+def num_predict_from_options(options: GenerationOptions | Mapping[str, Any]) -> int | None:
     """Ollama's num_predict as a token limit; None (also for -1 and -2) means fill the context."""
-    num_predict = options.get("num_predict")
-    if num_predict is None:
-        return None
-    if isinstance(num_predict, bool) or not isinstance(num_predict, (int, float)):
-        raise InvalidRequest("option 'num_predict' must be a number")
-    return int(num_predict) if num_predict > 0 else None
+    return GenerationOptions.of(options).token_limit
 
 
 def max_length_from_num_predict(num_predict: int | None, prompt_tokens: int, context_length: int) -> int:
@@ -301,15 +262,12 @@ def max_length_from_num_predict(num_predict: int | None, prompt_tokens: int, con
     return min(prompt_tokens + num_predict, context_length)
 
 
-def guidance_from_format(fmt: str | dict[str, Any] | None) -> tuple[str, str] | None:
+def guidance_from_format(fmt: JsonFormat | str | dict[str, Any] | None) -> tuple[str, str] | None:
     """genai guidance (kind, data) for Ollama's `format`: "json" or a JSON schema object."""
-    if fmt is None or fmt == "":
+    json_format = json_format_from(fmt)
+    if json_format is None:
         return None
-    if fmt == "json":
-        return ("json_schema", json.dumps({"type": "object"}))
-    if isinstance(fmt, dict):
-        return ("json_schema", json.dumps(fmt))
-    raise InvalidRequest('format must be "json" or a JSON schema object')
+    return ("json_schema", json.dumps(json_format.schema if json_format.schema is not None else {"type": "object"}))
 
 
 class StopScanner:

