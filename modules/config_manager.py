@@ -48,7 +48,7 @@ class ServerConfig(_Strict):
     port: int = Field(11435, ge=1, le=65535, description="TCP port (Ollama's is 11434).")
     workers: int = Field(1, ge=1, le=64, description="gunicorn worker processes.")
     threads: int = Field(256, ge=1, le=1024, description="Requests one worker serves at once (one per open stream).")
-    preload_encoder: bool = Field(True, description="The gunicorn master loads the encoder's model for its workers.")
+    preload_encoder: bool = Field(False, description="The gunicorn master loads the encoder's model for its workers.")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted.")
     max_image_body_bytes: int = Field(
         10_485_760, ge=1024, description="Largest body of a request that carries images (chat and generate routes).")

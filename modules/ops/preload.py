@@ -28,6 +28,10 @@ def preload_for_workers(config: AppConfig) -> None:
     Must run after $PROMETHEUS_MULTIPROC_DIR is set (serve.prepare_metrics_dir): the app's
     import brings in prometheus-client, which reads it once.
     """
+    if not config.server.preload_encoder:
+        # The master stays as light as it was: the app's modules in it cost every worker's
+        # summed RSS some 28 MiB.
+        return
     import api_server  # noqa: F401 - the workers' `from api_server import create_app` finds it loaded
 
     from modules.embedding_router import routed_experts
@@ -35,8 +39,7 @@ def preload_for_workers(config: AppConfig) -> None:
 
     router = config.router
     classifier = router.mode == "model" or router.router_type == "classification"
-    if (not config.server.preload_encoder or classifier or router.model_path != PACKAGED_ENCODER
-            or not routed_experts(config.experts)):
+    if classifier or router.model_path != PACKAGED_ENCODER or not routed_experts(config.experts):
         return
     try:
         # Taken by the first UseEncoder each worker builds; the worker adds the onnxruntime pass.

@@ -22,7 +22,8 @@ from modules.config_manager import load_config
 from modules.ops.preload import preload_for_workers
 from modules.encoding import encoders
 
-preload_for_workers(load_config(sys.argv[1]))
+config = load_config(sys.argv[1])
+preload_for_workers(config.model_copy(update={"server": config.server.model_copy(update={"preload_encoder": True})}))
 # A process that imported onnxruntime has forked children that hang at exit.
 assert "onnxruntime" not in sys.modules and "onnx" not in sys.modules, "onnxruntime imported before the fork"
 assert "api_server" in sys.modules and "flask" in sys.modules
@@ -48,7 +49,7 @@ else:
 """
 
 
-def test_the_master_preloads_the_encoder_model_and_its_forks_encode_and_exit() -> None:
+def test_with_preload_on_the_master_loads_the_encoder_model_and_its_forks_encode_and_exit() -> None:
     done = subprocess.run([sys.executable, "-c", FORKING_CHILD, str(REPO / "config" / "config.json")], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
