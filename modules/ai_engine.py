@@ -36,7 +36,8 @@ from modules.chat_types import (
     ChatEvent,
     ChatRequest,
     Done,
-    Message,
+    TextDelta,
+    ToolCall,
     ToolCallDelta,
     Usage,
 )
@@ -44,14 +45,8 @@ from modules.config_manager import LocalModelsConfig
 from modules.errors import ExpertError, ExpertStreamBroken
 from modules.generation_options import GenerationOptions, JsonFormat, json_format_from
 from modules.local_backend import PooledLocalBackend, map_library_errors
-from modules.protocol.openai_chunks import (
-    ToolCallAssembler,
-    parts_from_chunk,
-    tool_call_from_parts,
-)
+from modules.protocol.openai_upstream import OpenAIStreamReader, openai_messages_from_request
 from modules.think_tags import ThinkTagSplitter
-
-__all__ = ["GGUFBackend", "LoadedLlama", "load_llama", "parts_from_chunk", "tool_call_from_parts"]
 
 # What llama-cpp-python (and the Jinja chat templates it renders) raise on bad files, bad
 # prompts or failed decodes. Anything else is a bug of ours and should surface as one.
@@ -153,10 +148,8 @@ def _generate(
         eval_started = time.perf_counter_ns()
         chunks = _start_stream(llm, request, kwargs, raw_prompt)
     first_chunk_at: int | None = None
-    finish_reason: str | None = None
-    text_parts: list[str] = []
-    tool_calls = ToolCallAssembler()
-    inline_thinking = ThinkTagSplitter()
+    reader = OpenAIStreamReader()
+    answer = _LocalAnswer()
     with closing(chunks):
         while True:
             with map_llama_errors(ExpertStreamBroken, "generating"):
@@ -164,25 +157,18 @@ def _generate(
             if chunk is None:
                 break
             first_chunk_at = first_chunk_at or time.perf_counter_ns()
-            text, fragments, finish = parts_from_chunk(chunk)
-            finish_reason = finish or finish_reason
-            tool_calls.add(fragments)
-            if text:
-                text_parts.append(text)
-                yield from inline_thinking.feed(text)
-    yield from inline_thinking.flush()
-    calls = tool_calls.calls()
-    for call in calls:
-        yield ToolCallDelta(call)
+            yield from answer.take(reader.feed(chunk))
+    yield from answer.take(reader.end())
+    yield from answer.finish()
     done_at = time.perf_counter_ns()
     first_chunk_at = first_chunk_at or done_at
-    output = "".join(text_parts) + "".join(json.dumps(c.arguments) for c in calls)
+    output = "".join(answer.text_parts) + "".join(json.dumps(c.arguments) for c in answer.calls)
     with map_llama_errors(ExpertStreamBroken, "counting tokens"):
         # Without a template in the file the prompt count is an estimate; don't build on it.
         exact_prompt = raw_prompt is not None or model.formatter is not None
         completion_tokens = _count_sampled_tokens(llm, prompt_tokens if exact_prompt else None, output)
     yield Done(
-        done_reason="length" if finish_reason == "length" else "stop",
+        done_reason=answer.done.done_reason,
         usage=Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -192,6 +178,35 @@ def _generate(
             eval_duration_ns=done_at - first_chunk_at,
         ),
     )
+
+
+class _LocalAnswer:
+    """The codec's events of one local answer, with `<think>` tags split out of the text. Tool
+    calls are held until the end, after any text the splitter still holds back; `Done` is kept
+    for its reason (the usage is counted here, not read from chunks)."""
+
+    def __init__(self) -> None:
+        self.text_parts: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.done = Done()
+        self._inline_thinking = ThinkTagSplitter()
+
+    def take(self, events: list[ChatEvent]) -> Iterator[ChatEvent]:
+        for event in events:
+            if isinstance(event, TextDelta):
+                self.text_parts.append(event.text)
+                yield from self._inline_thinking.feed(event.text)
+            elif isinstance(event, ToolCallDelta):
+                self.calls.append(event.call)
+            elif isinstance(event, Done):
+                self.done = event
+            else:
+                yield event
+
+    def finish(self) -> Iterator[ChatEvent]:
+        yield from self._inline_thinking.flush()
+        for call in self.calls:
+            yield ToolCallDelta(call)
 
 
 def _count_sampled_tokens(llm: llama_cpp.Llama, prompt_tokens: int | None, output: str) -> int:
@@ -278,29 +293,9 @@ def _count_chat_prompt_tokens(model: LoadedLlama, request: ChatRequest) -> int:
 
 
 def llama_messages_from_request(request: ChatRequest) -> list[dict[str, Any]]:
-    """The request as llama-cpp (OpenAI-shaped) chat messages; a completion becomes a user turn."""
-    if request.kind == "completion":
-        return [{"role": "user", "content": request.prompt or ""}]
-    return [llama_message_from_message(m) for m in request.messages]
-
-
-def llama_message_from_message(message: Message) -> dict[str, Any]:
-    # Templates index message['content'] directly, so it is always a string.
-    out: dict[str, Any] = {"role": message.role, "content": message.content or ""}
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {
-                "id": call.id or f"call_{i}",
-                "type": "function",
-                "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
-            }
-            for i, call in enumerate(message.tool_calls)
-        ]
-    if message.role == "tool":
-        out["tool_call_id"] = message.tool_call_id or ""
-        if message.tool_name:
-            out["name"] = message.tool_name
-    return out
+    """The request as llama-cpp (OpenAI-shaped) chat messages; a completion becomes a user turn.
+    Templates index message['content'] directly, so it is always a string."""
+    return openai_messages_from_request(request, string_content=True, tool_names=True, arguments="spaced")
 
 
 def llama_kwargs_from_options(options: GenerationOptions | Mapping[str, Any], n_ctx: int) -> dict[str, Any]:

@@ -51,10 +51,10 @@ from modules.protocol.ollama_protocol import (
     ollama_generate_body_from_request,
 )
 from modules.protocol.openai_protocol import (
-    events_from_openai_sse,
     openai_chat_body_from_request,
     openai_completion_body_from_request,
 )
+from modules.protocol.openai_upstream import events_from_openai_sse
 
 _log = get_logger("http_backends")
 

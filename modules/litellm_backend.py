@@ -8,8 +8,9 @@ The API key comes from the environment variable named in `api_key_env`, read onc
 backend is built; it is never in JSON, never logged.
 
 Every answer is streamed from the provider (a non-streaming client request is collected by the
-runner), and each chunk becomes `ChatEvent`s: text, reasoning, whole tool calls (assembled from
-their fragments), and a final `Done` with the usage the provider reported.
+runner), and its chunks are read by the one OpenAI upstream codec (`protocol/openai_upstream.py`)
+into `ChatEvent`s: text, reasoning, whole tool calls (assembled from their fragments), and a
+final `Done` with the usage the provider reported.
 
 LiteLLM's exceptions are translated in one place, `expert_error_from_litellm`, by the ordered
 table `litellm_error_table`: timeouts -> `ExpertTimeout`; authentication, connection and API
@@ -19,10 +20,9 @@ errors -> `ExpertUnavailable`; anything once the answer has started -> `ExpertSt
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import closing
 from types import ModuleType
 from typing import Any, NoReturn
@@ -31,11 +31,6 @@ from modules.chat_types import (
     ChatEvent,
     ChatRequest,
     Done,
-    Message,
-    TextDelta,
-    ThinkingDelta,
-    ToolCallDelta,
-    Usage,
 )
 from modules.config_manager import ExpertConfig, ServerConfig
 from modules.protocol.embedding_protocol import embed_result_from_openai
@@ -46,8 +41,8 @@ from modules.errors import (
     ExpertTimeout,
     ExpertUnavailable,
 )
-from modules.protocol.openai_chunks import ToolCallAssembler, parts_from_chunk
 from modules.protocol.openai_protocol import effort_from_think
+from modules.protocol.openai_upstream import OpenAIStreamReader, openai_messages_from_request
 
 # LiteLLM reads this at import: "True" means the cost map bundled in the package, no download.
 LOCAL_COST_MAP_ENV = "LITELLM_LOCAL_MODEL_COST_MAP"
@@ -203,9 +198,7 @@ class ApiBackend:
         pass
 
     def _events(self, response: Any, started_ns: int) -> Iterator[ChatEvent]:
-        tool_calls = ToolCallAssembler()
-        usage: Mapping[str, Any] = {}
-        finish: str | None = None
+        reader = OpenAIStreamReader()
         sent = False
         first_at: int | None = None
         with closing(response):
@@ -218,21 +211,11 @@ class ApiBackend:
                 if chunk is None:
                     break
                 first_at = first_at or time.perf_counter_ns()
-                raw = chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)
-                usage = raw.get("usage") or usage
-                text, fragments, chunk_finish = parts_from_chunk(raw)
-                finish = chunk_finish or finish
-                tool_calls.add(fragments)
-                thinking = _reasoning_from_chunk(raw)
-                if thinking:
+                for event in reader.feed(chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)):
                     sent = True
-                    yield ThinkingDelta(thinking)
-                if text:
-                    sent = True
-                    yield TextDelta(text)
-        for call in tool_calls.calls():
-            yield ToolCallDelta(call)
-        yield done_from_stream_end(finish, usage, started_ns, first_at)
+                    yield event
+        for event in reader.end():
+            yield _timed(event, started_ns, first_at) if isinstance(event, Done) else event
 
     def _raise_mapped(self, exc: Exception, *, started: bool) -> NoReturn:
         mapped = expert_error_from_litellm(exc, self._errors, started=started)
@@ -242,27 +225,16 @@ class ApiBackend:
         raise mapped from exc
 
 
-def _reasoning_from_chunk(raw: Mapping[str, Any]) -> str:
-    choices = raw.get("choices") or [{}]
-    delta = choices[0].get("delta") or {}
-    return str(delta.get("reasoning_content") or "")
-
-
-def done_from_stream_end(
-    finish: str | None, usage: Mapping[str, Any], started_ns: int, first_at: int | None
-) -> Done:
+def _timed(done: Done, started_ns: int, first_at: int | None) -> Done:
+    """The reader's `Done` with the answer's timings added to the usage the provider reported."""
     done_at = time.perf_counter_ns()
     first_at = first_at or done_at
-    return Done(
-        done_reason="length" if finish == "length" else "stop",
-        usage=Usage(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            total_duration_ns=done_at - started_ns,
-            prompt_eval_duration_ns=first_at - started_ns,
-            eval_duration_ns=done_at - first_at,
-        ),
-    )
+    return dataclasses.replace(done, usage=dataclasses.replace(
+        done.usage,
+        total_duration_ns=done_at - started_ns,
+        prompt_eval_duration_ns=first_at - started_ns,
+        eval_duration_ns=done_at - first_at,
+    ))
 
 
 def litellm_arguments_from_request(request: ChatRequest) -> dict[str, Any]:
@@ -298,27 +270,6 @@ def litellm_arguments_from_request(request: ChatRequest) -> dict[str, Any]:
 
 
 def litellm_messages_from_request(request: ChatRequest) -> list[dict[str, Any]]:
-    """OpenAI-shaped messages; a completion prompt becomes one user turn."""
-    if request.kind == "completion":
-        return [{"role": "user", "content": request.prompt or ""}]
-    return [litellm_message_from_message(m) for m in request.messages]
-
-
-def litellm_message_from_message(message: Message) -> dict[str, Any]:
-    content: Any = message.content or ""
-    if message.images:
-        content = [{"type": "text", "text": message.content or ""}] + [
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in message.images
-        ]
-    out: dict[str, Any] = {"role": message.role, "content": content}
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id or f"call_{i}", "type": "function",
-             "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
-            for i, c in enumerate(message.tool_calls)
-        ]
-    if message.role == "tool":
-        out["tool_call_id"] = message.tool_call_id or ""
-        if message.tool_name:
-            out["name"] = message.tool_name
-    return out
+    """OpenAI-shaped messages as an OpenAI server takes them, with the tool's name on tool
+    results too; a completion prompt becomes one user turn."""
+    return openai_messages_from_request(request, tool_names=True)

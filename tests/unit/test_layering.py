@@ -22,7 +22,7 @@ WEB = ("flask", "werkzeug", "flask_limiter")
 LAYERS = {
     "routers": ("*router*", "router_factory", "decision_cache", "encoders", "encode_batching", "use_onnx",
                 "calibration", "classifier_*", "route_input", "capabilities", "paged_table"),
-    "protocol": ("*_protocol", "openai_chunks", "chat_types", "errors"),
+    "protocol": ("*_protocol", "openai_upstream", "chat_types", "errors"),
     "backends": ("*backend*", "ai_engine", "onnx_runner", "expert_runner", "expert_health", "model_pool",
                  "model_stats"),
 }

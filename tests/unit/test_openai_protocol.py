@@ -44,7 +44,6 @@ from modules.protocol.openai_protocol import (
     STREAM_ERROR_MESSAGE,
     chat_request_from_openai,
     completion_request_from_openai,
-    events_from_openai_sse,
     new_completion_id,
     openai_chat_body_from_request,
     openai_completion_body_from_request,
@@ -56,6 +55,7 @@ from modules.protocol.openai_protocol import (
     openai_text_completion_from_events,
     openai_text_sse_from_events,
 )
+from modules.protocol.openai_upstream import events_from_openai_sse
 
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n fake png bytes").decode()
 JPEG_B64 = base64.b64encode(b"\xff\xd8\xff\xe0 fake jpeg bytes").decode()
