@@ -20,6 +20,7 @@ errors -> `ExpertUnavailable`; anything once the answer has started -> `ExpertSt
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -31,11 +32,15 @@ from modules.chat_types import (
     ChatEvent,
     ChatRequest,
     Done,
+    TextDelta,
+    ThinkingDelta,
+    ToolCallDelta,
 )
 from modules.config_manager import ExpertConfig, ServerConfig
 from modules.protocol.embedding_protocol import embed_result_from_openai
 from modules.embeddings import EmbedRequest, EmbedResult
 from modules.errors import (
+    ExpertAnswerTooLarge,
     ExpertError,
     ExpertStreamBroken,
     ExpertTimeout,
@@ -148,6 +153,7 @@ class ApiBackend:
         self._litellm = litellm
         self._errors = litellm_error_table(litellm)
         self._timeout = expert.timeout or server.read_timeout
+        self._max_answer_bytes = server.max_upstream_answer_bytes
 
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
         arguments = litellm_arguments_from_request(request)
@@ -200,6 +206,7 @@ class ApiBackend:
     def _events(self, response: Any, started_ns: int) -> Iterator[ChatEvent]:
         reader = OpenAIStreamReader()
         sent = False
+        size = 0
         first_at: int | None = None
         with closing(response):
             chunks = iter(response)
@@ -212,6 +219,12 @@ class ApiBackend:
                     break
                 first_at = first_at or time.perf_counter_ns()
                 for event in reader.feed(chunk.model_dump() if hasattr(chunk, "model_dump") else dict(chunk)):
+                    # LiteLLM reads the provider's bytes itself, so the bound the HTTP backends
+                    # put on an answer's bytes is put here on what it carries: an endless answer
+                    # from a provider must not hold a worker and its memory without end.
+                    size += _event_size(event)
+                    if size > self._max_answer_bytes:
+                        raise ExpertAnswerTooLarge(f"answer longer than {self._max_answer_bytes} bytes")
                     sent = True
                     yield event
         for event in reader.end():
@@ -223,6 +236,15 @@ class ApiBackend:
             # Not LiteLLM's: a bug of ours, which the runner logs with its traceback.
             raise exc
         raise mapped from exc
+
+
+def _event_size(event: ChatEvent) -> int:
+    """About the bytes an event carries (its text, or a tool call's arguments as JSON)."""
+    if isinstance(event, (TextDelta, ThinkingDelta)):
+        return len(event.text.encode())
+    if isinstance(event, ToolCallDelta):
+        return len(json.dumps(event.call.arguments)) + len(event.call.name)
+    return 0
 
 
 def _timed(done: Done, started_ns: int, first_at: int | None) -> Done:

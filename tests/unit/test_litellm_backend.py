@@ -23,6 +23,7 @@ from modules.chat_types import (
 )
 from modules.config_manager import ExpertConfig, ServerConfig
 from modules.errors import (
+    ExpertAnswerTooLarge,
     ExpertStreamBroken,
     ExpertTimeout,
     ExpertUnavailable,
@@ -174,6 +175,32 @@ def test_a_drop_mid_stream_breaks_the_stream(litellm: ModuleType, fake_upstream:
     assert next(stream) == TextDelta("Hello")
     with pytest.raises(ExpertStreamBroken):
         list(stream)
+
+
+def _bounded(litellm: ModuleType, upstream: FakeUpstream, model: str, answer_bytes: int) -> ApiBackend:
+    server = ServerConfig(read_timeout=5.0, max_upstream_line_bytes=1024, max_upstream_answer_bytes=answer_bytes)
+    return ApiBackend(_expert("openai", model, upstream.url + "/v1"), server, "sk-test", litellm)
+
+
+def test_an_endless_answer_ends_at_the_answer_bound(litellm: ModuleType, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behave("endless", endless=True)
+    stream = _bounded(litellm, fake_upstream, "endless", 4096).stream_chat(_chat())
+    assert next(stream) == TextDelta("Hello")
+    texts = []
+    with pytest.raises(ExpertAnswerTooLarge):
+        for event in stream:
+            texts.append(event.text if isinstance(event, TextDelta) else "")
+    # It ended at the bound, not at some later accident of the stream.
+    assert 4096 - 16 <= len("Hello" + "".join(texts)) <= 4096
+
+
+def test_an_answer_over_the_bound_before_its_first_piece_yields_nothing(
+        litellm: ModuleType, fake_upstream: FakeUpstream) -> None:
+    fake_upstream.behave("huge", tokens=["x" * 5000])
+    stream = _bounded(litellm, fake_upstream, "huge", 4096).stream_chat(_chat())
+    # Nothing was sent yet, so the runner can still answer with the fallback expert.
+    with pytest.raises(ExpertAnswerTooLarge):
+        next(stream)
 
 
 def test_a_bad_option_is_refused_before_calling(litellm: ModuleType, fake_upstream: FakeUpstream) -> None:
