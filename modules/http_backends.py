@@ -149,7 +149,8 @@ def _body_snippet(response: urllib3.BaseHTTPResponse, secret: str | None) -> str
 
 
 def iter_lines(
-    chunks: Iterable[bytes], *, max_line_bytes: int | None = None, max_answer_bytes: int | None = None
+    chunks: Iterable[bytes], *, max_line_bytes: int | None = None, max_answer_bytes: int | None = None,
+    first_line_by: float | None = None,
 ) -> Iterator[bytes]:
     """The lines of a byte stream, split like `requests.Response.iter_lines` (\\n, \\r or \\r\\n).
 
@@ -158,12 +159,16 @@ def iter_lines(
     quadratic time, 1.5 s of a blocked worker for 1 MB). Raises `ExpertAnswerTooLarge` as soon
     as a line passes `max_line_bytes` or the stream passes `max_answer_bytes` (counted after
     decompression, so a small gzip bomb counts at its real size). Hands the thread to other
-    requests after each millisecond of reading (`_PAUSE_SECONDS`).
+    requests after each millisecond of reading (`_PAUSE_SECONDS`). Raises `ExpertTimeout` when no
+    line is complete by `first_line_by` (a `time.monotonic()` value): the read timeout bounds each
+    read, so an upstream trickling a byte a second would otherwise never be given up on.
     """
     pending = bytearray()
     total = 0
     paused_at = time.monotonic()
     for chunk in chunks:
+        if first_line_by is not None and time.monotonic() > first_line_by:
+            raise ExpertTimeout("no complete line within the read timeout")
         total += len(chunk)
         if max_answer_bytes is not None and total > max_answer_bytes:
             raise ExpertAnswerTooLarge(f"answer longer than {max_answer_bytes} bytes")
@@ -179,6 +184,7 @@ def iter_lines(
                 # A \r\n split between two chunks gives an empty line more, as in requests.
                 line = bytes(pending)
                 pending.clear()
+                first_line_by = None
                 yield line
     if pending:
         yield bytes(pending)
@@ -281,12 +287,13 @@ class _HttpBackend(ABC):
     def stream_chat(self, request: ChatRequest) -> Iterator[ChatEvent]:
         """POST the request upstream (always streamed) and yield its events as they arrive."""
         url, body = self._url_and_body(request)
+        first_line_by = time.monotonic() + self._timeouts[1]
         with map_requests_exceptions(self._label, self._api_key):
             response = self._post(url, body)
             finished = False
             try:
                 lines = iter_lines(_body_chunks(response), max_line_bytes=self._max_line_bytes,
-                                   max_answer_bytes=self._max_answer_bytes)
+                                   max_answer_bytes=self._max_answer_bytes, first_line_by=first_line_by)
                 yield from self._events(lines)
                 finished = _read_tail(lines, response)
             finally:

@@ -34,6 +34,7 @@ from modules.http_backends import (
     OllamaBackend,
     OpenAIBackend,
     expert_error_class,
+    iter_lines,
     map_requests_exceptions,
 )
 from tests.fakes.fake_upstream import FakeUpstream
@@ -514,6 +515,36 @@ def test_an_endless_answer_is_cut_at_the_answer_limit(fake_upstream: FakeUpstrea
         backend.close()
     assert len(seen) > 100 and all(isinstance(e, TextDelta) for e in seen)
     assert isinstance(error, ExpertAnswerTooLarge) and "answer longer than 200000 bytes" in str(error)
+
+
+def test_an_upstream_trickling_its_first_line_is_given_up_after_the_read_timeout(
+        fake_upstream: FakeUpstream, kind: str) -> None:
+    # A byte every 50 ms: each read is quick, but the first line would take seconds.
+    fake_upstream.behave("up-model", trickle=0.05)
+    server = ServerConfig(connect_timeout=2.0, read_timeout=0.5, threads=8)
+    backend = BACKENDS[kind](_expert(fake_upstream.url, kind), server)
+    started = time.monotonic()
+    try:
+        seen, error = _collect(backend.stream_chat(_chat(stream=True)))
+    finally:
+        backend.close()
+    # Nothing was sent, so the runner answers with the fallback expert.
+    assert seen == [] and isinstance(error, ExpertTimeout)
+    assert time.monotonic() - started < 5
+
+
+def test_a_deadline_for_the_first_line_only() -> None:
+    late = time.monotonic() - 1
+    with pytest.raises(ExpertTimeout):
+        list(iter_lines([b"no line yet"], first_line_by=late))
+
+    def chunks() -> Iterator[bytes]:
+        yield b"first\n"
+        time.sleep(0.05)
+        yield b"second\n"
+
+    # Once a line is through, the deadline is over: later lines may take their time.
+    assert list(iter_lines(chunks(), first_line_by=time.monotonic() + 0.01)) == [b"first", b"second"]
 
 
 def _requests_iter_lines(chunks: list[bytes]):
