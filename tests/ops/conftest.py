@@ -8,9 +8,6 @@ production, so the server makes (and at exit removes) its own folder for the wor
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,9 +18,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.contract.conftest import REPO, SMOLLM, LiveServer, free_port
+from tests.contract.conftest import SMOLLM
 from tests.fakes.fake_upstream import FakeUpstream
-from tests.hardening.conftest import default_experts, stop, wait_until_serving, write_project
+from tests.hardening.conftest import default_experts, write_project
+from tests.live_server import LiveServer, launch, stop
 
 WORKERS = 2
 # Short, so a loaded model is unloaded (and the gauge falls) within seconds; the reaper then
@@ -76,18 +74,9 @@ def ops_experts(upstream_url: str, closed_url: str) -> list[dict[str, Any]]:
 
 def launch_ops(project: Path, config: dict[str, Any], experts: list[dict[str, Any]], workers: int) -> OpsServer:
     config_path = write_project(project, config, experts)
-    port = free_port()
-    out = project / "server.out"
-    env = {**os.environ, "LEMOE_PROJECT_DIR": str(project)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(out, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "api_server.py"), "--config", str(config_path), "--port", str(port),
-             "--workers", str(workers)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process, out)
-    return OpsServer(LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process), project)
+    # $PROMETHEUS_MULTIPROC_DIR unset, as in production (see above).
+    live = launch(config_path, project, args=("--workers", str(workers)), env={"PROMETHEUS_MULTIPROC_DIR": None})
+    return OpsServer(live, project)
 
 
 @pytest.fixture(scope="session")
