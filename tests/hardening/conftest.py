@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.fakes.fake_upstream import FakeUpstream, reserve_closed_port
+from tests.fakes.fake_upstream import FakeUpstream
 from tests.live_server import LiveServer, launch, stop
 
 READ_TIMEOUT = 2.0
@@ -63,12 +63,6 @@ def write_project(root: Path, config: dict[str, Any], experts: list[dict[str, An
     path = root / "config" / "config.json"
     path.write_text(json.dumps(merged(BASE_CONFIG, config), indent=2))
     return path
-
-
-@pytest.fixture(scope="session")
-def closed_url() -> Iterator[str]:
-    with reserve_closed_port() as port:
-        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

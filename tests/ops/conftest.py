@@ -99,14 +99,6 @@ def start_ops(fake_upstream: FakeUpstream, closed_url: str,
 
 
 @pytest.fixture(scope="session")
-def closed_url() -> Iterator[str]:
-    from tests.fakes.fake_upstream import reserve_closed_port
-
-    with reserve_closed_port() as port:
-        yield f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="session")
 def ops_server(start_ops: StartOps) -> OpsServer:
     """One two-worker server shared by the metrics and page tests (they only compare deltas)."""
     return start_ops()
