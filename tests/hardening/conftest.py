@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 import requests
 
 from tests.fakes.fake_upstream import FakeUpstream
-from tests.live_server import LiveServer, launch, stop
+from tests.live_server import LiveServer, live_server
 
 READ_TIMEOUT = 2.0
 StartLemoe = Callable[..., LiveServer]
@@ -69,22 +70,19 @@ def write_project(root: Path, config: dict[str, Any], experts: list[dict[str, An
 def start_lemoe(fake_upstream: FakeUpstream, closed_url: str,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartLemoe]:
     """Start a LeMoE server: start_lemoe(config_overrides, experts=None, env=None, files=None)."""
-    started: list[LiveServer] = []
+    with ExitStack() as servers:
 
-    def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
-              env: dict[str, str] | None = None, files: dict[str, str] | None = None) -> LiveServer:
-        project = tmp_path_factory.mktemp("lemoe")
-        config_path = write_project(project, config or {}, experts or default_experts(fake_upstream.url, closed_url))
-        for name, text in (files or {}).items():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (project / name).write_text(text)
-        server = launch(config_path, project, env=env)
-        started.append(server)
-        return server
+        def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
+                  env: dict[str, str] | None = None, files: dict[str, str] | None = None) -> LiveServer:
+            project = tmp_path_factory.mktemp("lemoe")
+            config_path = write_project(project, config or {},
+                                        experts or default_experts(fake_upstream.url, closed_url))
+            for name, text in (files or {}).items():
+                (project / name).parent.mkdir(parents=True, exist_ok=True)
+                (project / name).write_text(text)
+            return servers.enter_context(live_server(config_path, project, env=env))
 
-    yield start
-    for server in started:
-        stop(server)
+        yield start
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.contract.conftest import SMOLLM
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import default_experts, write_project
-from tests.live_server import LiveServer, launch, stop
+from tests.live_server import LiveServer, live_server
 
 WORKERS = 2
 # Short, so a loaded model is unloaded (and the gauge falls) within seconds; the reaper then
@@ -72,30 +73,24 @@ def ops_experts(upstream_url: str, closed_url: str) -> list[dict[str, Any]]:
     return [*default_experts(upstream_url, closed_url), tiny]
 
 
-def launch_ops(project: Path, config: dict[str, Any], experts: list[dict[str, Any]], workers: int) -> OpsServer:
-    config_path = write_project(project, config, experts)
-    # $PROMETHEUS_MULTIPROC_DIR unset, as in production (see above).
-    live = launch(config_path, project, args=("--workers", str(workers)), env={"PROMETHEUS_MULTIPROC_DIR": None})
-    return OpsServer(live, project)
-
-
 @pytest.fixture(scope="session")
 def start_ops(fake_upstream: FakeUpstream, closed_url: str,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartOps]:
     """start_ops(config=None, experts=None, workers=2) -> a running server, stopped at the end."""
-    started: list[OpsServer] = []
+    with ExitStack() as servers:
 
-    def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
-              workers: int = WORKERS) -> OpsServer:
-        base = {"local_models": {"model_ttl_seconds": MODEL_TTL_SECONDS, "n_ctx": 512, "n_threads": 1}}
-        server = launch_ops(tmp_path_factory.mktemp("ops"), {**base, **(config or {})},
-                            experts or ops_experts(fake_upstream.url, closed_url), workers)
-        started.append(server)
-        return server
+        def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
+                  workers: int = WORKERS) -> OpsServer:
+            base = {"local_models": {"model_ttl_seconds": MODEL_TTL_SECONDS, "n_ctx": 512, "n_threads": 1}}
+            project = tmp_path_factory.mktemp("ops")
+            config_path = write_project(project, {**base, **(config or {})},
+                                        experts or ops_experts(fake_upstream.url, closed_url))
+            # $PROMETHEUS_MULTIPROC_DIR unset, as in production (see above).
+            live = servers.enter_context(live_server(config_path, project, args=("--workers", str(workers)),
+                                                     env={"PROMETHEUS_MULTIPROC_DIR": None}))
+            return OpsServer(live, project)
 
-    yield start
-    for server in started:
-        stop(server.live)
+        yield start
 
 
 @pytest.fixture(scope="session")
