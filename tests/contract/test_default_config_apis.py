@@ -12,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.contract.conftest import REPO, serving
+from tests.live_server import REPO, live_server
 
 ASK = "Say hello."
 
@@ -24,8 +24,8 @@ def default_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for folder in ("models", "data", "logs"):
         (project / folder).mkdir()
     config_path: Path = project / "config" / "config.json"
-    with serving(config_path, project) as (url, _):
-        yield url
+    with live_server(config_path, project) as server:
+        yield server.url
 
 
 def test_messages_answered_by_the_packaged_model(default_url: str) -> None:

@@ -20,8 +20,9 @@ import openai
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer, serving, write_test_project
+from tests.contract.conftest import write_test_project
 from tests.fakes.fake_upstream import FakeUpstream, fake_vector, reserve_closed_port
+from tests.live_server import LiveServer, live_server
 
 TEXTS = ["How do I sort a list in Python?", "¿Cómo ordeno una lista en Python?", "The weather is sunny today."]
 USE_DIMENSIONS = 512
@@ -56,8 +57,8 @@ def embed_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathF
             embedder(23, "vec-down-unsized", "openai", closed, kind="embedding"),
         ]
         experts_path.write_text(json.dumps(experts))
-        with serving(config_path, project) as (url, process):
-            yield LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process)
+        with live_server(config_path, project) as server:
+            yield server
 
 
 # --- out of the box: the packaged encoder ---------------------------------------------------------

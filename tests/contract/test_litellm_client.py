@@ -9,13 +9,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at i
 import litellm  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.contract.conftest import LiveServer  # noqa: E402
+from tests.contract.conftest import RoutedServer  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "debug this python code"}]
 
 
 @pytest.fixture
-def base_url(routed_server: LiveServer) -> str:
+def base_url(routed_server: RoutedServer) -> str:
     return routed_server.url
 
 

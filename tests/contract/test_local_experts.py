@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,9 +23,10 @@ import pytest
 import requests
 
 from modules.config_manager import resolve_local_model_path
-from tests.contract.conftest import REPO, SMOLLM, free_port
+from tests.contract.conftest import SMOLLM
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.fakes.tiny_onnx_model import ANSWER, build_tiny_onnx_model
+from tests.live_server import REPO, LiveServer, launch
 
 GGUF_EXPERTS = ["gguf1", "gguf2", "gguf3", "gguf4"]
 CLOUD_KEY_ENV = "LEMOE_TEST_CLOUD_API_KEY"
@@ -37,25 +35,8 @@ MISSING_KEY_ENV = "LEMOE_TEST_MISSING_API_KEY"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
-@dataclass
-class Server:
-    url: str
-    project: Path
-    process: subprocess.Popen[bytes]
-
-    def log_text(self) -> str:
-        return (self.project / "logs" / "lemoe.log").read_text(encoding="utf-8", errors="replace")
-
-    def stats(self) -> dict[str, Any]:
-        return json.loads((self.project / "data" / "model_stats.json").read_text())["models"]  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+def _stats(server: LiveServer) -> dict[str, Any]:
+    return json.loads((server.project / "data" / "model_stats.json").read_text())["models"]  # type: ignore[no-any-return]
 
 
 def _project(root: Path, upstream: FakeUpstream, experts: list[dict[str, Any]], local: dict[str, Any]) -> Path:
@@ -80,36 +61,10 @@ def _project(root: Path, upstream: FakeUpstream, experts: list[dict[str, Any]], 
     return path
 
 
-def _start(project: Path) -> Server:
-    port = free_port()
-    env = {**os.environ, "LEMOE_PROJECT_DIR": str(project), CLOUD_KEY_ENV: "sk-cloud"}
-    env.pop(MISSING_KEY_ENV, None)
-    out = project / "server.out"
-    with open(out, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "api_server.py"), "--config", str(project / "config" / "config.json"),
-             "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    _wait_until_serving(url, process, out)
-    return Server(url, project, process)
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen[bytes], out: Path, timeout: float = 90) -> None:
-    # The worker imports LiteLLM while building the app: the port accepts connections seconds
-    # before the first answer, so a read timeout means "not yet", like a refused connection.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{out.read_text()}")
-        try:
-            if requests.get(url + "/", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"server did not start within {timeout}s:\n{out.read_text()}")
+def _start(project: Path) -> LiveServer:
+    # The worker imports LiteLLM while building the app: a slow first answer.
+    return launch(project / "config" / "config.json", project, env={CLOUD_KEY_ENV: "sk-cloud", MISSING_KEY_ENV: None},
+                  timeout=90)
 
 
 def _local(i: int, label: str, fmt: str, path: str) -> dict[str, Any]:
@@ -125,7 +80,7 @@ def _api(i: int, label: str, provider: str, model: str, api_base: str, key_env: 
 
 
 @pytest.fixture(scope="module")
-def pool_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def pool_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     experts = [_local(i + 1, label, "gguf", f"{label}.gguf") for i, label in enumerate(GGUF_EXPERTS)]
     experts += [
         _local(5, "tiny", "onnx", "models/tiny"),
@@ -142,7 +97,7 @@ def pool_server(fake_upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture
-def pool(pool_server: Server) -> Server:
+def pool(pool_server: LiveServer) -> LiveServer:
     """The pool server with nothing loaded (each test starts from an empty pool)."""
     for label in [*GGUF_EXPERTS, "tiny"]:
         _post(pool_server, "/api/generate", {"model": label, "prompt": "", "keep_alive": 0})
@@ -150,25 +105,25 @@ def pool(pool_server: Server) -> Server:
     return pool_server
 
 
-def _post(server: Server, path: str, body: dict[str, Any], timeout: float = 120) -> requests.Response:
+def _post(server: LiveServer, path: str, body: dict[str, Any], timeout: float = 120) -> requests.Response:
     response = requests.post(server.url + path, json=body, timeout=timeout)
     assert response.status_code == 200, response.text
     return response
 
 
-def _generate(server: Server, model: str, **extra: Any) -> dict[str, Any]:
+def _generate(server: LiveServer, model: str, **extra: Any) -> dict[str, Any]:
     body = {"model": model, "prompt": COUNTING, "raw": True, "stream": False,
             "options": {"num_predict": 2, "temperature": 0}, **extra}
     return _post(server, "/api/generate", body).json()  # type: ignore[no-any-return]
 
 
-def _ps(server: Server) -> list[dict[str, Any]]:
+def _ps(server: LiveServer) -> list[dict[str, Any]]:
     response = requests.get(server.url + "/api/ps", timeout=10)
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("application/json")
     return response.json()["models"]  # type: ignore[no-any-return]
 
 
-def _loaded(server: Server) -> list[str]:
+def _loaded(server: LiveServer) -> list[str]:
     return sorted(m["model"].removesuffix(":latest") for m in _ps(server))
 
 
@@ -178,7 +133,7 @@ def _expires_in(entry: dict[str, Any]) -> float:
 
 # --- GGUF: streaming, LRU, in-flight, keep_alive -------------------------------------------------
 
-def test_gguf_expert_streams_and_shows_in_ps_with_its_expiry(pool: Server) -> None:
+def test_gguf_expert_streams_and_shows_in_ps_with_its_expiry(pool: LiveServer) -> None:
     body = {"model": "gguf1", "messages": [{"role": "user", "content": "Say hello."}], "stream": True,
             "options": {"num_predict": 12}}
     with requests.post(pool.url + "/api/chat", json=body, stream=True, timeout=120) as response:
@@ -192,7 +147,7 @@ def test_gguf_expert_streams_and_shows_in_ps_with_its_expiry(pool: Server) -> No
     assert 290 < _expires_in(entry) <= 300
 
 
-def test_lru_eviction_with_four_experts_and_a_limit_of_three(pool: Server) -> None:
+def test_lru_eviction_with_four_experts_and_a_limit_of_three(pool: LiveServer) -> None:
     for label in GGUF_EXPERTS:
         _generate(pool, label)
     assert _loaded(pool) == ["gguf2", "gguf3", "gguf4"]
@@ -204,7 +159,7 @@ def test_lru_eviction_with_four_experts_and_a_limit_of_three(pool: Server) -> No
     assert _loaded(pool) == ["gguf1", "gguf2", "gguf3"]
 
 
-def test_no_eviction_while_a_stream_is_in_flight(pool: Server) -> None:
+def test_no_eviction_while_a_stream_is_in_flight(pool: LiveServer) -> None:
     arrivals: list[tuple[float, dict[str, Any]]] = []
     first_line = threading.Event()
 
@@ -238,12 +193,12 @@ def test_no_eviction_while_a_stream_is_in_flight(pool: Server) -> None:
     assert _loaded(pool) == ["gguf1", "gguf3", "gguf4"]
 
 
-def test_keep_alive_zero_unloads_after_the_answer(pool: Server) -> None:
+def test_keep_alive_zero_unloads_after_the_answer(pool: LiveServer) -> None:
     _generate(pool, "gguf1", keep_alive=0)
     assert _loaded(pool) == []
 
 
-def test_keep_alive_forever_and_as_a_duration(pool: Server) -> None:
+def test_keep_alive_forever_and_as_a_duration(pool: LiveServer) -> None:
     _generate(pool, "gguf1", keep_alive=-1)
     _generate(pool, "gguf2", keep_alive="10m")
     entries = {m["model"]: m for m in _ps(pool)}
@@ -252,7 +207,7 @@ def test_keep_alive_forever_and_as_a_duration(pool: Server) -> None:
     assert 590 < _expires_in(entries["gguf2:latest"]) <= 600
 
 
-def test_load_and_unload_probes_steer_the_pool(pool: Server) -> None:
+def test_load_and_unload_probes_steer_the_pool(pool: LiveServer) -> None:
     loaded = _post(pool, "/api/chat", {"model": "gguf3", "messages": []}).json()
     assert loaded["done_reason"] == "load"
     assert _loaded(pool) == ["gguf3"]
@@ -265,13 +220,13 @@ def test_load_and_unload_probes_steer_the_pool(pool: Server) -> None:
     assert _loaded(pool) == ["tiny"]
 
 
-def test_usage_statistics_are_written_to_data(pool: Server) -> None:
-    before = pool.stats() if (pool.project / "data" / "model_stats.json").exists() else {}
+def test_usage_statistics_are_written_to_data(pool: LiveServer) -> None:
+    before = _stats(pool) if (pool.project / "data" / "model_stats.json").exists() else {}
     key = str((pool.project / "models" / "gguf4.gguf").resolve())
     old = before.get(key, {"loads": 0, "requests": 0, "completion_tokens": 0})
     _generate(pool, "gguf4")
     _generate(pool, "gguf4")
-    after = pool.stats()[key]
+    after = _stats(pool)[key]
     assert after["loads"] == old["loads"] + 1
     assert after["requests"] == old["requests"] + 2
     assert after["completion_tokens"] >= old["completion_tokens"] + 2
@@ -280,7 +235,7 @@ def test_usage_statistics_are_written_to_data(pool: Server) -> None:
 
 # --- ONNX --------------------------------------------------------------------------------------
 
-def test_onnx_expert_through_ollama_chat_streaming_and_not(pool: Server) -> None:
+def test_onnx_expert_through_ollama_chat_streaming_and_not(pool: LiveServer) -> None:
     messages = [{"role": "user", "content": "hello"}]
     with requests.post(pool.url + "/api/chat", json={"model": "tiny", "messages": messages}, stream=True,
                        timeout=60) as response:
@@ -294,7 +249,7 @@ def test_onnx_expert_through_ollama_chat_streaming_and_not(pool: Server) -> None
     assert _loaded(pool) == ["tiny"]
 
 
-def test_onnx_expert_through_openai_chat_completions(pool: Server) -> None:
+def test_onnx_expert_through_openai_chat_completions(pool: LiveServer) -> None:
     client = openai.OpenAI(base_url=pool.url + "/v1", api_key="unused", max_retries=0)
     messages: Any = [{"role": "user", "content": "hello"}]
     completion = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
@@ -308,7 +263,7 @@ def test_onnx_expert_through_openai_chat_completions(pool: Server) -> None:
 
 # --- api (LiteLLM) -------------------------------------------------------------------------------
 
-def test_api_expert_answers_through_both_apis(pool: Server, fake_upstream: FakeUpstream) -> None:
+def test_api_expert_answers_through_both_apis(pool: LiveServer, fake_upstream: FakeUpstream) -> None:
     body = {"model": "cloud", "messages": [{"role": "user", "content": "hi"}], "stream": False}
     answer = _post(pool, "/api/chat", body)
     assert answer.headers["X-LeMoE-Expert"] == "cloud"
@@ -321,7 +276,7 @@ def test_api_expert_answers_through_both_apis(pool: Server, fake_upstream: FakeU
     assert pieces == ["Hello", " from", " cloud-model"]
 
 
-def test_api_expert_on_the_ollama_chat_provider_streams(pool: Server) -> None:
+def test_api_expert_on_the_ollama_chat_provider_streams(pool: LiveServer) -> None:
     body = {"model": "cloudollama", "messages": [{"role": "user", "content": "hi"}]}
     with requests.post(pool.url + "/api/chat", json=body, stream=True, timeout=60) as response:
         lines = [json.loads(line) for line in response.iter_lines() if line]
@@ -330,7 +285,7 @@ def test_api_expert_on_the_ollama_chat_provider_streams(pool: Server) -> None:
     assert lines[-1]["prompt_eval_count"] == 5 and lines[-1]["eval_count"] == 3
 
 
-def test_an_api_expert_without_its_key_falls_back(pool: Server) -> None:
+def test_an_api_expert_without_its_key_falls_back(pool: LiveServer) -> None:
     assert f"environment variable {MISSING_KEY_ENV} is not set" in pool.log_text()
     for stream in (False, True):
         body = {"model": "nokey", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
@@ -341,7 +296,7 @@ def test_an_api_expert_without_its_key_falls_back(pool: Server) -> None:
     assert "sk-" not in pool.log_text()
 
 
-def test_a_failing_api_provider_falls_back(pool: Server, fake_upstream: FakeUpstream) -> None:
+def test_a_failing_api_provider_falls_back(pool: LiveServer, fake_upstream: FakeUpstream) -> None:
     fake_upstream.behave("broken-cloud", fail_status=500)
     client = openai.OpenAI(base_url=pool.url + "/v1", api_key="unused", max_retries=0)
     messages: Any = [{"role": "user", "content": "hi"}]
@@ -353,7 +308,7 @@ def test_a_failing_api_provider_falls_back(pool: Server, fake_upstream: FakeUpst
 
 # --- a client's bad option ---------------------------------------------------------------------
 
-def test_a_bad_option_is_the_clients_400_not_a_failure_of_the_expert(pool: Server, fake_upstream: FakeUpstream) -> None:
+def test_a_bad_option_is_the_clients_400_not_a_failure_of_the_expert(pool: LiveServer, fake_upstream: FakeUpstream) -> None:
     corrections = pool.log_text().count("[Auto-Correction]")
     upstream_calls = len(fake_upstream.requests_to("/v1/chat/completions"))
     messages = [{"role": "user", "content": "hi"}]
@@ -396,10 +351,10 @@ def test_idle_models_are_unloaded_after_their_time_to_live(ttl_project: Path) ->
         key = str((ttl_project / "models" / "gguf1.gguf").resolve())
         deadline = time.monotonic() + 15
         # The reaper drops the model first and writes its statistics just after: wait for both.
-        while (_loaded(server) or server.stats()[key]["unloads"] < 1) and time.monotonic() < deadline:
+        while (_loaded(server) or _stats(server)[key]["unloads"] < 1) and time.monotonic() < deadline:
             time.sleep(0.25)
         assert _loaded(server) == []
-        assert server.stats()[key]["unloads"] >= 1
+        assert _stats(server)[key]["unloads"] >= 1
     finally:
         server.stop()
 
@@ -409,20 +364,20 @@ def test_statistics_survive_a_restart(ttl_project: Path) -> None:
     first = _start(ttl_project)
     try:
         _post(first, "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False})
-        counted = first.stats()[key]
+        counted = _stats(first)[key]
     finally:
         first.stop()
     assert counted["requests"] >= 1 and counted["loads"] >= 1
     second = _start(ttl_project)
     try:
-        assert second.stats()[key] == counted  # nothing lost or reset by the restart
+        assert _stats(second)[key] == counted  # nothing lost or reset by the restart
         _post(second, "/api/chat", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False})
-        assert second.stats()[key]["requests"] == counted["requests"] + 1
+        assert _stats(second)[key]["requests"] == counted["requests"] + 1
     finally:
         second.stop()
 
 
-def test_expiry_times_are_rfc3339_with_a_timezone(pool: Server) -> None:
+def test_expiry_times_are_rfc3339_with_a_timezone(pool: LiveServer) -> None:
     _generate(pool, "gguf1")
     [entry] = _ps(pool)
     assert datetime.fromisoformat(entry["expires_at"]).tzinfo is not None

@@ -12,14 +12,14 @@ import httpx
 import ollama
 import pytest
 
-from tests.contract.conftest import LiveServer
+from tests.contract.conftest import RoutedServer
 from tests.fakes.fake_upstream import FakeUpstream
 
 CODE_Q = [{"role": "user", "content": "escribe una función en python"}]
 
 
 @pytest.fixture
-def base_url(routed_server: LiveServer) -> str:
+def base_url(routed_server: RoutedServer) -> str:
     return routed_server.url
 
 
@@ -51,7 +51,7 @@ def test_chat_streaming(client: ollama.Client) -> None:
     assert parts[-1].done and not any(p.done for p in parts[:-1])
 
 
-def test_the_route_method_is_in_the_headers(base_url: str, routed_server: LiveServer) -> None:
+def test_the_route_method_is_in_the_headers(base_url: str, routed_server: RoutedServer) -> None:
     for stream in (False, True):
         body = {"model": "lemoe", "messages": CODE_Q, "stream": stream}
         with httpx.stream("POST", base_url + "/api/chat", json=body, timeout=30) as reply:

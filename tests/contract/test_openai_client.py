@@ -7,7 +7,7 @@ import json
 import openai
 import pytest
 
-from tests.contract.conftest import LiveServer
+from tests.contract.conftest import RoutedServer
 from tests.fakes.fake_upstream import FakeUpstream
 
 CODE_Q = [{"role": "user", "content": "fix the bug in my python script"}]
@@ -17,7 +17,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 
 @pytest.fixture
-def base_url(routed_server: LiveServer) -> str:
+def base_url(routed_server: RoutedServer) -> str:
     return routed_server.url
 
 
@@ -51,14 +51,14 @@ def test_chat_direct_to_openai_type_expert(client: openai.OpenAI, fake_upstream:
     assert forwarded["temperature"] == 0.3 and forwarded["stop"] == ["END"]
 
 
-def test_unknown_model_name_is_routed(client: openai.OpenAI, routed_server: LiveServer) -> None:
+def test_unknown_model_name_is_routed(client: openai.OpenAI, routed_server: RoutedServer) -> None:
     raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=CODE_Q)
     assert raw.headers["X-LeMoE-Expert"] == "coder"
     assert raw.headers["X-LeMoE-Route-Method"] == routed_server.routed_method
     assert raw.parse().choices[0].message.content == "Hello from coder-model"
 
 
-def test_the_route_method_is_in_the_headers(client: openai.OpenAI, routed_server: LiveServer) -> None:
+def test_the_route_method_is_in_the_headers(client: openai.OpenAI, routed_server: RoutedServer) -> None:
     for stream in (False, True):
         raw = client.chat.completions.with_raw_response.create(model="lemoe", messages=CODE_Q, stream=stream)
         assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == \

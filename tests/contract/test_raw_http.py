@@ -7,7 +7,7 @@ import json
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
+from tests.contract.conftest import RoutedServer
 
 CODE_Q = [{"role": "user", "content": "write a python function that adds two numbers"}]
 
@@ -232,7 +232,7 @@ def test_body_over_one_megabyte_is_413_in_protocol(base_url: str, path: str) -> 
     assert isinstance(body["error"], dict if path.startswith("/v1") else str)
 
 
-def test_server_still_serves_after_errors(lemoe_server: LiveServer) -> None:
+def test_server_still_serves_after_errors(lemoe_server: RoutedServer) -> None:
     for _ in range(3):
         requests.post(lemoe_server.url + "/api/chat", data=b"{bad")
     assert requests.get(lemoe_server.url + "/api/tags").status_code == 200

@@ -8,7 +8,7 @@ import openai
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
+from tests.contract.conftest import RoutedServer
 from tests.fakes.fake_upstream import FakeUpstream
 
 CODE_Q = "fix the bug in my python script"
@@ -21,7 +21,7 @@ def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
 
 
-def test_a_string_input_is_routed_like_chat(client: openai.OpenAI, lemoe_server: LiveServer) -> None:
+def test_a_string_input_is_routed_like_chat(client: openai.OpenAI, lemoe_server: RoutedServer) -> None:
     raw = client.responses.with_raw_response.create(model="gpt-5", input=CODE_Q)
     assert (raw.headers["X-LeMoE-Expert"], raw.headers["X-LeMoE-Route-Method"]) == \
         ("coder", lemoe_server.routed_method)

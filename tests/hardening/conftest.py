@@ -10,19 +10,16 @@ even the fallback fail, and no test here waits for local generation.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.contract.conftest import REPO, LiveServer, free_port
-from tests.fakes.fake_upstream import FakeUpstream, reserve_closed_port
+from tests.fakes.fake_upstream import FakeUpstream
+from tests.live_server import LiveServer, live_server
 
 READ_TIMEOUT = 2.0
 StartLemoe = Callable[..., LiveServer]
@@ -69,70 +66,23 @@ def write_project(root: Path, config: dict[str, Any], experts: list[dict[str, An
     return path
 
 
-def wait_until_serving(url: str, process: subprocess.Popen[bytes], out: Path, timeout: float = 60) -> None:
-    # A worker still booting can leave a probe unanswered for a while: any failure means "retry".
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{out.read_text()}")
-        try:
-            if requests.get(url + "/", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError(f"server did not start within {timeout}s:\n{out.read_text()}")
-
-
-def launch(config_path: Path, project: Path, env: dict[str, str]) -> LiveServer:
-    port = free_port()
-    out = project / "server.out"
-    full_env = {**os.environ, "LEMOE_PROJECT_DIR": str(project), **env}
-    with open(out, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "api_server.py"), "--config", str(config_path), "--port", str(port)],
-            cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process, out)
-    return LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process)
-
-
-def stop(server: LiveServer) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(timeout=5)
-
-
-@pytest.fixture(scope="session")
-def closed_url() -> Iterator[str]:
-    with reserve_closed_port() as port:
-        yield f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="session")
 def start_lemoe(fake_upstream: FakeUpstream, closed_url: str,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartLemoe]:
     """Start a LeMoE server: start_lemoe(config_overrides, experts=None, env=None, files=None)."""
-    started: list[LiveServer] = []
+    with ExitStack() as servers:
 
-    def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
-              env: dict[str, str] | None = None, files: dict[str, str] | None = None) -> LiveServer:
-        project = tmp_path_factory.mktemp("lemoe")
-        config_path = write_project(project, config or {}, experts or default_experts(fake_upstream.url, closed_url))
-        for name, text in (files or {}).items():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (project / name).write_text(text)
-        server = launch(config_path, project, env or {})
-        started.append(server)
-        return server
+        def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
+                  env: dict[str, str] | None = None, files: dict[str, str] | None = None) -> LiveServer:
+            project = tmp_path_factory.mktemp("lemoe")
+            config_path = write_project(project, config or {},
+                                        experts or default_experts(fake_upstream.url, closed_url))
+            for name, text in (files or {}).items():
+                (project / name).parent.mkdir(parents=True, exist_ok=True)
+                (project / name).write_text(text)
+            return servers.enter_context(live_server(config_path, project, env=env))
 
-    yield start
-    for server in started:
-        stop(server)
+        yield start
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import StartLemoe
 from tests.hardening.test_hostile_requests import assert_no_leak, expected_error
+from tests.live_server import LiveServer
 
 FALLBACK_TEXT = "Hello from fallback-model"
 # Route -> (body builder, which upstream model the text routes to).

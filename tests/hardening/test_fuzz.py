@@ -11,9 +11,9 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.contract.conftest import LiveServer
 from tests.hardening.conftest import call_from
 from tests.hardening.test_hostile_requests import ANTHROPIC_TYPES, OPENAI_TYPES, assert_no_leak
+from tests.live_server import LiveServer
 
 FUZZ = settings(max_examples=100, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

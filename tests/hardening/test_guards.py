@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tests.contract.conftest import LiveServer
 from tests.hardening.conftest import Reply, StartLemoe, call_from
 from tests.hardening.test_hostile_requests import assert_no_leak, expected_error
+from tests.live_server import LiveServer
 
 LIMIT = 5
 CHAT = json.dumps({"model": "lemoe", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()

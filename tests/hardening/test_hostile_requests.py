@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
+from tests.live_server import LiveServer
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 408: "api_error",

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import StartLemoe, remote_expert
 from tests.hardening.test_hostile_requests import assert_no_leak
+from tests.live_server import LiveServer
 
 FALLBACK_TEXT = "Hello from fallback-model"
 TEN_MB = 10_000_000

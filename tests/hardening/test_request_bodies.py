@@ -17,10 +17,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.test_hostile_requests import expected_error
 from tests.hardening.test_request_heads import exchange
+from tests.live_server import LiveServer
 
 MAX_BODY = 1_048_576
 CHAT = {"/api/chat": {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "stream": False},

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.contract.conftest import LiveServer
 from tests.hardening.conftest import StartLemoe
 from tests.hardening.test_hostile_requests import assert_no_leak, expected_error
+from tests.live_server import LiveServer
 
 PATHS = ["/", "/api/chat", "/api/tags", "/v1/chat/completions", "/v1/models"]
 HEADERS_TOO_LARGE = "request headers are too large: at most 100 fields of 8190 bytes each"

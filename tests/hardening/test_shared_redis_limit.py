@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.contract.conftest import LiveServer, free_port
 from tests.hardening.conftest import StartLemoe, call_from
 from tests.hardening.test_hostile_requests import expected_error
+from tests.live_server import LiveServer, free_port
 
 LIMIT = 6
 

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-from tests.contract.conftest import LiveServer
 from tests.fakes.fake_upstream import FakeUpstream
 from tests.hardening.conftest import StartLemoe
+from tests.live_server import LiveServer
 
 CLIENT_TIMEOUT = 1.0
 CHAT = json.dumps({"model": "lemoe", "messages": [{"role": "user", "content": "hi"}], "stream": False}).encode()

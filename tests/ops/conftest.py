@@ -8,11 +8,9 @@ production, so the server makes (and at exit removes) its own folder for the wor
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,10 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.contract.conftest import REPO, SMOLLM, LiveServer, free_port
+from tests.contract.conftest import SMOLLM
 from tests.fakes.fake_upstream import FakeUpstream
-from tests.hardening.conftest import default_experts, stop, wait_until_serving, write_project
+from tests.hardening.conftest import default_experts, write_project
+from tests.live_server import LiveServer, live_server
 
 WORKERS = 2
 # Short, so a loaded model is unloaded (and the gauge falls) within seconds; the reaper then
@@ -74,47 +73,24 @@ def ops_experts(upstream_url: str, closed_url: str) -> list[dict[str, Any]]:
     return [*default_experts(upstream_url, closed_url), tiny]
 
 
-def launch_ops(project: Path, config: dict[str, Any], experts: list[dict[str, Any]], workers: int) -> OpsServer:
-    config_path = write_project(project, config, experts)
-    port = free_port()
-    out = project / "server.out"
-    env = {**os.environ, "LEMOE_PROJECT_DIR": str(project)}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    with open(out, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, str(REPO / "api_server.py"), "--config", str(config_path), "--port", str(port),
-             "--workers", str(workers)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    wait_until_serving(url, process, out)
-    return OpsServer(LiveServer(url=url, log_path=project / "logs" / "lemoe.log", process=process), project)
-
-
 @pytest.fixture(scope="session")
 def start_ops(fake_upstream: FakeUpstream, closed_url: str,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartOps]:
     """start_ops(config=None, experts=None, workers=2) -> a running server, stopped at the end."""
-    started: list[OpsServer] = []
+    with ExitStack() as servers:
 
-    def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
-              workers: int = WORKERS) -> OpsServer:
-        base = {"local_models": {"model_ttl_seconds": MODEL_TTL_SECONDS, "n_ctx": 512, "n_threads": 1}}
-        server = launch_ops(tmp_path_factory.mktemp("ops"), {**base, **(config or {})},
-                            experts or ops_experts(fake_upstream.url, closed_url), workers)
-        started.append(server)
-        return server
+        def start(config: dict[str, Any] | None = None, experts: list[dict[str, Any]] | None = None,
+                  workers: int = WORKERS) -> OpsServer:
+            base = {"local_models": {"model_ttl_seconds": MODEL_TTL_SECONDS, "n_ctx": 512, "n_threads": 1}}
+            project = tmp_path_factory.mktemp("ops")
+            config_path = write_project(project, {**base, **(config or {})},
+                                        experts or ops_experts(fake_upstream.url, closed_url))
+            # $PROMETHEUS_MULTIPROC_DIR unset, as in production (see above).
+            live = servers.enter_context(live_server(config_path, project, args=("--workers", str(workers)),
+                                                     env={"PROMETHEUS_MULTIPROC_DIR": None}))
+            return OpsServer(live, project)
 
-    yield start
-    for server in started:
-        stop(server.live)
-
-
-@pytest.fixture(scope="session")
-def closed_url() -> Iterator[str]:
-    from tests.fakes.fake_upstream import reserve_closed_port
-
-    with reserve_closed_port() as port:
-        yield f"http://127.0.0.1:{port}"
+        yield start
 
 
 @pytest.fixture(scope="session")

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ import requests
 import yaml
 
 from modules.config_manager import ServerConfig, load_config
+from tests.live_server import live_server
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -105,12 +102,6 @@ def test_images_are_built_on_the_advertised_bases() -> None:
     assert "-DGGML_CUDA=on" in env_block
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_files_the_default_image_copies_are_enough_to_serve(tmp_path: Path) -> None:
     """Lay out /app as docker/Dockerfile does (minus the venv) and start the server from it."""
     app = tmp_path / "app"
@@ -123,32 +114,15 @@ def test_the_files_the_default_image_copies_are_enough_to_serve(tmp_path: Path) 
             shutil.copy2(REPO / source, target)
     for folder in ("logs", "data", "models"):
         (app / folder).mkdir(exist_ok=True)
-    port = free_port()
-    env = {"PATH": "/usr/bin:/bin", "LEMOE_PROJECT_DIR": str(app), "PYTHONDONTWRITEBYTECODE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "api_server.py", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        tags = None
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                tags = requests.get(f"http://127.0.0.1:{port}/api/tags", timeout=1)
-                break
-            except requests.RequestException:  # the port accepts before the app answers
-                time.sleep(0.1)
-        assert tags is not None, process.communicate(timeout=5)[0].decode(errors="replace")[-2000:]
+    # The copy's own api_server.py and shipped config, and none of this environment but a PATH.
+    env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    with live_server(None, app, app_dir=app, args=("--host", "127.0.0.1"), env=env, inherit_env=False,
+                     ready_path="/api/tags") as server:
+        tags = requests.get(server.url + "/api/tags", timeout=10)
         names = {m["name"] for m in tags.json()["models"]}
         assert {"lemoe:latest", "fallback:latest", "programador:latest"} <= names
         # Served from the copy, not from the checkout.
         assert (app / "logs" / "lemoe.log").exists()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 # --- compose --------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import requests
 
 from modules.ops.serve import prepare_metrics_dir
 from tests.fakes.fake_upstream import FakeUpstream
-from tests.hardening.conftest import stop
+from tests.live_server import stop
 from tests.ops.conftest import WORKERS, OpsServer, Samples, StartOps, scrape, value
 
 _CLOSE = {"Connection": "close"}  # a new connection each time, so both workers get requests
