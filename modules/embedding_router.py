@@ -17,6 +17,11 @@ How the raw scores become a confidence is where this router differs from the ref
   probability mass when no expert stands out, which is what sends off-topic and injection text to
   the fallback expert, and since unrelated experts sit near 0 they add little mass, so the top
   probability barely depends on how many experts there are.
+- Before that, half of a query's mean score over the experts is taken off each expert's score
+  (`expert_centering`), and a description is scored by its sentence closest to the query
+  (`description_scoring`): a Spanish or a long query, less similar to every keyword, is judged
+  by how far its best expert stands out, and a two-language description matches either language.
+  Both were chosen leave-one-dataset-out (bench/routing_lodo.py), like the constants.
 - A calibration file (`calibration_file`, written by `main.py calibrate`, see calibration.py)
   learns on top of those probabilities, never instead of them: a residual read-out over the
   query vector, for the experts that had labelled rows only. It is tied to the experts and the

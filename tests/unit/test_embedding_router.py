@@ -386,6 +386,23 @@ def test_a_clear_new_topic_wins_over_the_context(router: EmbeddingRouter) -> Non
     assert (decision.label, decision.method) == ("travel", "embedding")
 
 
+def test_a_turn_that_points_back_meets_its_own_switch_bar(encoder: Encoder) -> None:
+    conversation = ["my python function throws an error, how do I debug it?",
+                    "now turn it into a recipe for a chocolate cake"]
+    alone = EmbeddingRouter(EXPERTS, RouterConfig(), encoder).route(conversation[-1:])
+    assert alone.label == "cooking"
+
+    def route(follow_up_bar: float) -> tuple[str, str]:
+        settings = EmbeddingSettings(switch_confidence=0.0, switch_confidence_follow_up=follow_up_bar)
+        decision = EmbeddingRouter(EXPERTS, RouterConfig(), encoder, settings=settings).route(conversation)
+        return decision.label, decision.method
+
+    # "now ... it" points back: with a bar it cannot reach it stays; with none it switches, as
+    # a turn without such words does at switch_confidence.
+    assert route(1.01) == ("coding", "cascade")
+    assert route(0.0) == ("cooking", "embedding")
+
+
 def test_reference_scoring_keeps_the_reference_chain(encoder: Encoder) -> None:
     reference = EmbeddingRouter(
         EXPERTS,
